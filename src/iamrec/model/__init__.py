@@ -1,0 +1,1 @@
+"""Backbones: loading (hub id, local folder, tiny random config) and LoRA. Never imports Lightning."""
