@@ -94,7 +94,9 @@ class ItemContext:
     def _render(self, kind: str, base_mask: Any, query: torch.Tensor, q_len: int, kv_len: int) -> Any:
         seg = self.key_segments(kv_len).to(query.device)  # (B, K)
         if seg.shape[0] != query.shape[0]:
-            raise ValueError(f"segment_ids has batch {seg.shape[0]} but the inputs have batch {query.shape[0]}.")
+            raise ValueError(
+                f"segment_ids has batch {seg.shape[0]} but the inputs have batch {query.shape[0]}."
+            )
         q_offset = kv_len - q_len  # cached decoding: the queries are the last q_len positions
         cv = self.state.context_visible
         if self.state.backend == "flex":
@@ -109,7 +111,12 @@ class ItemContext:
         k = torch.arange(kv_len, device=query.device)
         q = k[q_offset:]
         allowed = kind_rule(  # (B, 1, Q, K)
-            kind, seg[:, None, q_offset:, None], seg[:, None, None, :], q[None, None, :, None], k[None, None, None, :], cv
+            kind,
+            seg[:, None, q_offset:, None],
+            seg[:, None, None, :],
+            q[None, None, :, None],
+            k[None, None, None, :],
+            cv,
         )
         if base_mask is None:  # the model skipped its mask (no padding): causal is implied
             allowed = allowed & (k[None, None, None, :] <= q[None, None, :, None])
@@ -130,7 +137,9 @@ def _stock_attention(backend: str, module: nn.Module):
 
 
 def _make_attention_function(backend: str):
-    def attention(module, query, key, value, attention_mask, iam_context: ItemContext | None = None, **kwargs):
+    def attention(
+        module, query, key, value, attention_mask, iam_context: ItemContext | None = None, **kwargs
+    ):
         stock = _stock_attention(backend, module)
         if iam_context is not None:
             kind = iam_context.kind_of(module.layer_idx)
@@ -188,7 +197,9 @@ def _stacked_hooks(layer: nn.Module, kinds: tuple[str, ...], layer_idx: int, num
         attn._iam_residual = args[0] if args else kwargs["hidden_states"]
 
     def extra_passes(module, args, kwargs, output):
-        residual = attn.__dict__.pop("_iam_residual", None)
+        # Not popped: with activation checkpointing (transformers >= 5.2x checkpoints `forward`, outside the
+        # layer's hooks) the backward replay runs this hook again without re-running `keep_residual`.
+        residual = attn.__dict__.get("_iam_residual")
         if kwargs.get("iam_context") is None or residual is None:
             return output  # stock forward: a single causal pass
         out, rest = output[0], output[1:]
@@ -254,7 +265,9 @@ def apply_item_attention(
     state = ItemAttentionState(resolved, backend, context_visible, num_layers)
     for i, kinds in enumerate(resolved):
         if getattr(layers[i].self_attn, "layer_idx", i) != i:
-            raise TypeError(f"decoder layer {i} has self_attn.layer_idx={layers[i].self_attn.layer_idx}; expected {i}.")
+            raise TypeError(
+                f"decoder layer {i} has self_attn.layer_idx={layers[i].self_attn.layer_idx}; expected {i}."
+            )
         for p, kind in enumerate(kinds):
             state.slot_kind[i + p * num_layers] = kind
         if len(kinds) > 1:

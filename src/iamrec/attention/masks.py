@@ -88,6 +88,8 @@ def segment_mask_mod(kind: str, key_segments: torch.Tensor, context_visible: boo
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_abs = q_idx + q_offset
-        return kind_rule(kind, key_segments[b, q_abs], key_segments[b, kv_idx], q_abs, kv_idx, context_visible)
+        return kind_rule(
+            kind, key_segments[b, q_abs], key_segments[b, kv_idx], q_abs, kv_idx, context_visible
+        )
 
     return mask_mod

@@ -47,7 +47,11 @@ def _alternate(first: str, second: str, n: int) -> list[str]:
 
 
 def preset_entries(
-    name: str, num_layers: int, split_at: int | None = None, hatllm_bands: Sequence[int] | None = None, key: str = "schedule"
+    name: str,
+    num_layers: int,
+    split_at: int | None = None,
+    hatllm_bands: Sequence[int] | None = None,
+    key: str = "schedule",
 ) -> list[str]:
     """The per-layer entries of preset `name` for a backbone with `num_layers` decoder layers."""
     n = num_layers
@@ -58,7 +62,9 @@ def preset_entries(
     if name in ("split", "split_inter_first"):
         s = n // 2 if split_at is None else split_at
         if not 0 < s < n:
-            raise ScheduleError(f"split_at={s} must lie strictly between 0 and the {n} decoder layers ({key}='{name}').")
+            raise ScheduleError(
+                f"split_at={s} must lie strictly between 0 and the {n} decoder layers ({key}='{name}')."
+            )
         a, b = ("intra", "inter") if name == "split" else ("inter", "intra")
         return [a] * s + [b] * (n - s)
     if name in ("stacked", "stacked_inter_first"):
@@ -73,7 +79,9 @@ def preset_entries(
                 f"and add up to at most {n} ({key}='hatllm')."
             )
         return ["intra"] * a + ["causal"] * (n - a - b) + ["inter"] * b
-    raise ScheduleError(f"{key}='{name}' is not a preset; choose one of {', '.join(PRESETS)} or give a list of kinds.")
+    raise ScheduleError(
+        f"{key}='{name}' is not a preset; choose one of {', '.join(PRESETS)} or give a list of kinds."
+    )
 
 
 def resolve_schedule(

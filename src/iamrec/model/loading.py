@@ -20,7 +20,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from iamrec.model.tiny import build_tiny_tokenizer, tiny_config
 
-TINY_SPECS = {"tiny": "llama", "tiny-llama": "llama", "tiny-qwen2": "qwen2", "tiny-qwen3": "qwen3", "tiny-mistral": "mistral"}
+TINY_SPECS = {
+    "tiny": "llama",
+    "tiny-llama": "llama",
+    "tiny-qwen2": "qwen2",
+    "tiny-qwen3": "qwen3",
+    "tiny-mistral": "mistral",
+}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,7 +85,9 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
         )
     tok = _from_pretrained(AutoTokenizer, spec, "tokenizer")
     if tok.eos_token_id is None:
-        raise BackboneError(f"The tokenizer of '{spec}' has no eos token; set one in its tokenizer_config.json.")
+        raise BackboneError(
+            f"The tokenizer of '{spec}' has no eos token; set one in its tokenizer_config.json."
+        )
     if tok.pad_token_id is None:
         # Padding tokens are always masked out, so reusing EOS is safe and keeps the vocabulary unchanged.
         tok.pad_token = tok.eos_token
@@ -103,5 +111,3 @@ def load_backbone(spec: str, dtype: str = "float32", attn_implementation: str = 
     return _from_pretrained(
         AutoModelForCausalLM, spec, "backbone", dtype=torch_dtype, attn_implementation=attn_implementation
     )
-
-
