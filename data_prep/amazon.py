@@ -1,0 +1,238 @@
+"""Amazon reviews 2014 / 2018 (one category) -> the processed contract (DESIGN.md §3).
+
+Usage::
+
+    python -m data_prep.amazon --input raw/amazon2018-toys --output data/processed/toys \\
+        --start 2016-10-01 --end 2018-11-01
+
+Input files in ``--input`` (``.json`` or ``.json.gz``; or name them with ``--reviews`` / ``--meta``):
+
+- 2014 (McAuley et al.): ``reviews_<Category>_5.json`` — JSON lines with ``reviewerID``, ``asin``,
+  ``unixReviewTime``; ``meta_<Category>.json`` — one **Python dict literal** per line (single quotes),
+  parsed with ``ast.literal_eval`` (never ``eval``); ``title`` may be missing, ``categories`` is a list of
+  lists.
+- 2018 (Ni et al.): ``<Category>_5.json`` (or ``<Category>.json``) — JSON lines with the same three
+  fields; ``meta_<Category>.json`` — JSON lines whose ``title`` may hold HTML entities or markup.
+
+The format follows the review file name (``reviews_*`` = 2014) unless ``--format`` says otherwise.
+
+D3 filters, in this order, every dropped row counted by reason in stats.json:
+time window (``--start`` inclusive, ``--end`` exclusive, UTC dates; ``out_of_window``) -> items without
+a usable title (``no_metadata``: asin not in the metadata, which real dumps have; ``missing_title``: no or
+empty title) -> HTML entities are unescaped (repeatedly, for double-escaped text) and titles that still
+contain markup are dropped (``html_title``) -> titles over 20 words (``long_title``) -> repeated
+(user, item) reviews, earliest kept (``duplicate``) -> iterative ``--k-core`` (default 5) on users and
+items. A line that is not valid JSON / a dict literal, or misses reviewerID / asin / unixReviewTime,
+stops the run with one message naming the file and line. Metadata records of items nobody reviewed are
+not part of the dataset; their number is reported as ``meta_records_not_reviewed``.
+Protocols, ties and determinism: see ``data_prep.common``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import html
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from data_prep.common import (
+    DataPrepError,
+    Drops,
+    ProtocolConfig,
+    build_dataset,
+    iter_lines,
+    print_summary,
+    require_file,
+    run_main,
+)
+
+Format = Literal["auto", "2014", "2018"]
+MAX_TITLE_WORDS = 20
+HTML_TAG = re.compile(r"<\s*/?\s*[a-zA-Z!][^>]*>")
+
+
+def find_files(input_dir: Path, reviews: Path | None, meta: Path | None) -> tuple[Path, Path]:
+    """The review and metadata files: given explicitly, or the only candidates in input_dir."""
+
+    def one(kind: str, cands: list[Path]) -> Path:
+        if len(cands) != 1:
+            names = ", ".join(p.name for p in cands) or "none"
+            raise DataPrepError(f"expected one {kind} file (found {names}); name it with --{kind}", input_dir)
+        return cands[0]
+
+    if reviews is None or meta is None:
+        if input_dir is None or not input_dir.is_dir():
+            raise DataPrepError("input directory not found (or give --reviews and --meta)", input_dir)
+        files = sorted(p for p in input_dir.iterdir() if p.name.endswith((".json", ".json.gz")))
+        meta = meta or one("meta", [p for p in files if p.name.startswith("meta_")])
+        reviews = reviews or one("reviews", [p for p in files if not p.name.startswith("meta_")])
+    return require_file(reviews, "review file"), require_file(meta, "metadata file")
+
+
+def _records(path: Path, parse, what: str, drops: Drops):
+    """Yield (line number, dict) per non-blank line; a line that does not parse to a dict is an error."""
+    for i, line in iter_lines(path):
+        if not line.strip():
+            drops.lines[f"blank:{path.name}"] += 1
+            continue
+        try:
+            rec = parse(line)
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+            raise DataPrepError(
+                f"not a valid {what} line ({type(e).__name__}): {line[:80]!r}", path, i
+            ) from None
+        if not isinstance(rec, dict):
+            raise DataPrepError(f"expected a {what} object, got {type(rec).__name__}", path, i)
+        yield i, rec
+
+
+def clean_title(title) -> tuple[str | None, str | None]:
+    """(cleaned title, drop reason or None) following the D3 filters in the module docstring."""
+    if not isinstance(title, str) or not title.strip():
+        return None, "missing_title"
+    for _ in range(3):  # "&amp;quot;" is double-escaped in some dumps
+        unescaped = html.unescape(title)
+        if unescaped == title:
+            break
+        title = unescaped
+    title = " ".join(title.split())
+    if HTML_TAG.search(title):
+        return title, "html_title"
+    if len(title.split()) > MAX_TITLE_WORDS:
+        return title, "long_title"
+    return title, None
+
+
+def read_reviews(path: Path, drops: Drops) -> tuple[pd.DataFrame, list[int]]:
+    rows, lines = [], []
+    for i, r in _records(path, json.loads, "JSON", drops):
+        missing = [k for k in ("reviewerID", "asin", "unixReviewTime") if k not in r]
+        if missing:
+            raise DataPrepError(f"review has no {', '.join(missing)}", path, i)
+        t = r["unixReviewTime"]
+        if isinstance(t, bool) or not isinstance(t, int | float) or t != int(t):
+            raise DataPrepError(f"unixReviewTime is not an integer: {t!r}", path, i)
+        rows.append((str(r["reviewerID"]), str(r["asin"]), int(t)))
+        lines.append(i)
+    if not rows:
+        raise DataPrepError("no reviews in the file", path)
+    df = pd.DataFrame(rows, columns=["raw_user_id", "raw_item_id", "timestamp"])
+    df["timestamp"] = df["timestamp"].astype("int64")
+    return df, lines
+
+
+def read_meta(path: Path, fmt: str, reviewed: set[str], drops: Drops) -> tuple[pd.DataFrame, int]:
+    """One row per reviewed asin (with its drop reason, if any); also the count of unreviewed records."""
+    parse = ast.literal_eval if fmt == "2014" else json.loads
+    meta: dict[str, dict] = {}
+    n_lines = 0
+    for i, r in _records(path, parse, "Python dict" if fmt == "2014" else "JSON", drops):
+        n_lines += 1
+        if "asin" not in r:
+            raise DataPrepError("metadata record has no asin", path, i)
+        asin = str(r["asin"])
+        if asin in meta:
+            drops.lines["duplicate_meta_record"] += 1
+            continue
+        meta[asin] = r
+    if n_lines == 0:
+        raise DataPrepError("no metadata records in the file", path)
+    rows = []
+    for asin in sorted(reviewed):
+        r = meta.get(asin)
+        if r is None:
+            rows.append((asin, None, "", "no_metadata"))
+            continue
+        title, reason = clean_title(r.get("title"))
+        cats = r.get("categories") if fmt == "2014" else r.get("category")
+        if cats and isinstance(cats[0], list):  # 2014: list of category paths -> the first path
+            cats = cats[0]
+        cats = " > ".join(str(c) for c in cats) if isinstance(cats, list) else ""
+        rows.append((asin, title, cats, reason))
+    items = pd.DataFrame(rows, columns=["raw_item_id", "title", "categories", "drop_reason"])
+    return items, sum(1 for a in meta if a not in reviewed)
+
+
+def prepare(
+    input_dir: str | Path | None,
+    output: str | Path,
+    fmt: Format = "auto",
+    cfg: ProtocolConfig | None = None,
+    reviews: str | Path | None = None,
+    meta: str | Path | None = None,
+) -> dict:
+    """Parse one Amazon category and write the processed dataset; returns stats.json's content."""
+    cfg, drops = cfg or ProtocolConfig(k_core=5), Drops()
+    rpath, mpath = find_files(
+        Path(input_dir) if input_dir else None,
+        Path(reviews) if reviews else None,
+        Path(meta) if meta else None,
+    )
+    if fmt == "auto":
+        fmt = "2014" if rpath.name.startswith("reviews_") else "2018"
+    if fmt not in ("2014", "2018"):
+        raise DataPrepError(f"--format must be auto, 2014 or 2018, got {fmt!r}")
+    inter, _ = read_reviews(rpath, drops)
+    items, not_reviewed = read_meta(mpath, fmt, set(inter["raw_item_id"]), drops)
+    return build_dataset(
+        items=items,
+        interactions=inter,
+        cfg=cfg,
+        output=output,
+        input_files=[rpath, mpath],
+        source={"dataset": rpath.name.split(".json")[0], "format": f"amazon-{fmt}"},
+        drops=drops,
+        extra_stats={"meta_records_not_reviewed": not_reviewed, "max_title_words": MAX_TITLE_WORDS},
+    )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.amazon",
+        description="Amazon reviews 2014/2018 (one category) -> items/interactions/samples parquet + "
+        "stats.json (DESIGN.md §3), with the D3 title filters and k-core.",
+    )
+    p.add_argument(
+        "--input", type=Path, default=None, help="directory with one review file and one meta_ file"
+    )
+    p.add_argument("--reviews", type=Path, default=None, help="review file (overrides the search in --input)")
+    p.add_argument("--meta", type=Path, default=None, help="metadata file (overrides the search in --input)")
+    p.add_argument("--output", required=True, type=Path, help="output directory, e.g. data/processed/toys")
+    p.add_argument("--format", default="auto", choices=["auto", "2014", "2018"])
+    p.add_argument("--protocol", default="d3", choices=["d3", "loo"], help="split protocol (default d3)")
+    p.add_argument(
+        "--max-history", type=int, default=None, help="history items per sample (default: d3 10, loo 50)"
+    )
+    p.add_argument("--k-core", type=int, default=5, help="iterative k-core on users and items (0 = off)")
+    p.add_argument("--start", default=None, help="keep reviews at or after this UTC date (YYYY-MM-DD)")
+    p.add_argument("--end", default=None, help="keep reviews before this UTC date (YYYY-MM-DD)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="recorded in stats.json; the protocols use no randomness"
+    )
+    a = p.parse_args(argv)
+    if a.input is None and (a.reviews is None or a.meta is None):
+        p.error("give --input DIR, or both --reviews and --meta")
+    return a
+
+
+def _main(argv=None) -> None:
+    a = parse_args(argv)
+    cfg = ProtocolConfig(
+        name=a.protocol, max_history=a.max_history, k_core=a.k_core, start=a.start, end=a.end, seed=a.seed
+    )
+    stats = prepare(a.input, a.output, a.format, cfg, a.reviews, a.meta)
+    print_summary(stats, a.output)
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""MovieLens-100K / 1M -> the processed contract (DESIGN.md §3).
+
+Usage::
+
+    python -m data_prep.movielens --input .assets/raw/ml-100k --output data/processed/ml100k
+    python -m data_prep.movielens --input ml-1m --output data/processed/ml1m --protocol loo
+
+Input formats (auto-detected from the file names in ``--input``, or forced with ``--format``):
+
+- ``grouplens-100k``: ``u.data`` (``user<TAB>item<TAB>rating<TAB>timestamp``) and ``u.item``
+  (24 ``|``-separated latin-1 fields: id, title, release date, video date, URL, 19 genre flags).
+- ``grouplens-1m``: ``ratings.dat`` (``user::item::rating::timestamp``) and ``movies.dat``
+  (``item::title::genre|genre``), latin-1.
+- ``recbole``: RecBole atomic files ``<name>.inter`` (tab-separated, header
+  ``user_id:token item_id:token rating:float timestamp:float``) and ``<name>.item`` (header
+  ``item_id:token movie_title:token_seq release_year:token class:token_seq``), UTF-8.
+
+Titles keep their year, as in the GroupLens files ("Toy Story (1995)"): RecBole's ``movie_title`` has
+the year cut off into ``release_year``, so "Title (year)" is rebuilt when release_year is four digits
+and the title does not already end in "(yyyy)" (RecBole item 1412 keeps "(1995)" in its title and has
+release_year "V"). A title "unknown" (RecBole: "unkonwn", ML-100K item 267) is no usable title: that item
+and its interactions are dropped and counted as ``missing_title``.
+
+Every rating is an interaction unless ``--min-rating`` is given. An item id in the ratings that the item
+file does not list, a malformed line, a missing field or an empty file stops the run with one message
+naming the file and line. When the input is recognised as ML-100K / ML-1M (by file names), the raw counts
+are compared with the published ones (ML-100K: 100,000 ratings, 943 users, 1,682 items); a mismatch is a
+warning, or an error with ``--strict-counts``. Ties, protocols and determinism: see ``data_prep.common``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from data_prep.common import (
+    DataPrepError,
+    Drops,
+    ProtocolConfig,
+    build_dataset,
+    iter_lines,
+    print_summary,
+    require_file,
+    run_main,
+)
+
+Format = Literal["auto", "grouplens-100k", "grouplens-1m", "recbole"]
+# Published sizes: (ratings, users, items in the item file).
+KNOWN_COUNTS = {"ml-100k": (100_000, 943, 1_682), "ml-1m": (1_000_209, 6_040, 3_883)}
+GENRES_100K = (  # the order of u.genre and of the 19 flags in u.item
+    *("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama"),
+    *(
+        "Fantasy",
+        "Film-Noir",
+        "Horror",
+        "Musical",
+        "Mystery",
+        "Romance",
+        "Sci-Fi",
+        "Thriller",
+        "War",
+        "Western",
+    ),
+)
+MISSING_TITLES = {"", "unknown", "unkonwn"}  # "unkonwn" is RecBole's spelling for ML-100K item 267
+YEAR_AT_END = re.compile(r"\(\d{4}\)$")
+
+
+def detect_format(input_dir: Path) -> Format:
+    if not input_dir.is_dir():
+        raise DataPrepError("input directory not found", input_dir)
+    if (input_dir / "u.data").exists():
+        return "grouplens-100k"
+    if (input_dir / "ratings.dat").exists():
+        return "grouplens-1m"
+    if list(input_dir.glob("*.inter")):
+        return "recbole"
+    raise DataPrepError(
+        "no MovieLens files found: expected u.data + u.item (ML-100K), ratings.dat + movies.dat (ML-1M) "
+        "or RecBole <name>.inter + <name>.item",
+        input_dir,
+    )
+
+
+def _int(value: str, what: str, path: Path, line: int) -> int:
+    try:
+        x = float(value)  # RecBole writes timestamps as float columns
+    except ValueError:
+        raise DataPrepError(f"{what} is not a number: {value!r}", path, line) from None
+    if not math.isfinite(x) or x != int(x):
+        raise DataPrepError(f"{what} is not an integer: {value!r}", path, line)
+    return int(x)
+
+
+def _clean(title: str) -> str | None:
+    t = " ".join(title.split())
+    return None if t.lower() in MISSING_TITLES else t
+
+
+def _items_frame(rows: list[tuple], lines: list[int], path: Path, extra: list[str]) -> pd.DataFrame:
+    if not rows:
+        raise DataPrepError("no items in the file", path)
+    df = pd.DataFrame(rows, columns=["raw_item_id", "title", *extra])
+    dup = df["raw_item_id"].duplicated().to_numpy()
+    if dup.any():
+        i = int(dup.argmax())
+        raise DataPrepError(f"item id {df['raw_item_id'].iloc[i]!r} is listed twice", path, lines[i])
+    df["drop_reason"] = df["title"].isna().map({True: "missing_title", False: None})
+    return df
+
+
+def _ratings_frame(rows: list[tuple], lines: list[int], path: Path, items: pd.DataFrame) -> pd.DataFrame:
+    if not rows:
+        raise DataPrepError("no ratings in the file", path)
+    df = pd.DataFrame(rows, columns=["raw_user_id", "raw_item_id", "rating", "timestamp"])
+    unknown = ~df["raw_item_id"].isin(set(items["raw_item_id"]))
+    if unknown.any():
+        i = int(unknown.to_numpy().argmax())
+        raise DataPrepError(
+            f"item id {df['raw_item_id'].iloc[i]!r} is not in the item file ({unknown.sum()} such rows)",
+            path,
+            lines[i],
+        )
+    df["timestamp"] = df["timestamp"].astype("int64")
+    return df
+
+
+def _split_lines(path: Path, sep: str, n_fields: int, names: str, encoding: str, drops: Drops):
+    """Yield (line number, fields) with exactly n_fields fields; blank lines are counted, not parsed."""
+    for i, line in iter_lines(path, encoding):
+        if not line.strip():
+            drops.lines[f"blank:{path.name}"] += 1
+            continue
+        fields = line.split(sep)
+        if len(fields) != n_fields:
+            raise DataPrepError(
+                f"expected {n_fields} {sep!r}-separated fields ({names}), got {len(fields)}: {line[:80]!r}",
+                path,
+                i,
+            )
+        yield i, fields
+
+
+def read_grouplens(input_dir: Path, one_m: bool, drops: Drops):
+    ratings_name, items_name = ("ratings.dat", "movies.dat") if one_m else ("u.data", "u.item")
+    rpath = require_file(input_dir / ratings_name, "ratings file")
+    ipath = require_file(input_dir / items_name, "item file")
+    items, item_lines = [], []
+    if one_m:
+        for i, f in _split_lines(ipath, "::", 3, "item::title::genres", "latin-1", drops):
+            items.append((f[0].strip(), _clean(f[1]), f[2].strip()))
+            item_lines.append(i)
+    else:
+        for i, f in _split_lines(
+            ipath, "|", 24, "id|title|date|video date|URL|19 genre flags", "latin-1", drops
+        ):
+            if any(x not in ("0", "1") for x in f[5:]):
+                raise DataPrepError("genre flags (fields 6-24) must be 0 or 1", ipath, i)
+            genres = "|".join(g for g, x in zip(GENRES_100K, f[5:]) if x == "1")
+            items.append((f[0].strip(), _clean(f[1]), genres))
+            item_lines.append(i)
+    items_df = _items_frame(items, item_lines, ipath, ["genres"])
+    sep, rows, lines = ("::" if one_m else "\t"), [], []
+    for i, f in _split_lines(rpath, sep, 4, "user item rating timestamp", "latin-1", drops):
+        rows.append(
+            (f[0].strip(), f[1].strip(), _int(f[2], "rating", rpath, i), _int(f[3], "timestamp", rpath, i))
+        )
+        lines.append(i)
+    return items_df, _ratings_frame(rows, lines, rpath, items_df), [rpath, ipath]
+
+
+def _atomic_header(path: Path, line: str, need: tuple[str, ...]) -> dict[str, int]:
+    cols = {c.split(":")[0]: k for k, c in enumerate(line.split("\t"))}
+    missing = [c for c in need if c not in cols]
+    if missing or not all(":" in c for c in line.split("\t")):
+        raise DataPrepError(
+            f"not a RecBole atomic header (need name:type columns incl. {', '.join(need)}): {line[:80]!r}",
+            path,
+            1,
+        )
+    return cols
+
+
+def _atomic_rows(path: Path, need: tuple[str, ...], drops: Drops):
+    """Yield (line number, {column: value}) of a RecBole atomic file (UTF-8, latin-1 fallback)."""
+    try:
+        lines = list(iter_lines(path, "utf-8"))
+    except DataPrepError:
+        lines = list(iter_lines(path, "latin-1"))
+    cols = _atomic_header(path, lines[0][1], need)
+    for i, line in lines[1:]:
+        if not line.strip():
+            drops.lines[f"blank:{path.name}"] += 1
+            continue
+        f = line.split("\t")
+        if len(f) != len(cols):
+            raise DataPrepError(
+                f"expected {len(cols)} tab-separated fields, got {len(f)}: {line[:80]!r}", path, i
+            )
+        yield i, {c: f[k] for c, k in cols.items()}
+
+
+def read_recbole(input_dir: Path, drops: Drops):
+    inters = sorted(input_dir.glob("*.inter"))
+    if len(inters) != 1:
+        raise DataPrepError(f"expected one RecBole .inter file, found {len(inters)}", input_dir)
+    rpath = require_file(inters[0], "RecBole .inter file")
+    ipath = require_file(rpath.with_suffix(".item"), "RecBole .item file")
+    items, item_lines, added_year = [], [], 0
+    first_row = next(_atomic_rows(ipath, ("item_id",), drops), None)  # header check before the title check
+    if first_row is not None and not {"movie_title", "title"} & set(first_row[1]):
+        raise DataPrepError("the RecBole .item header has no movie_title column", ipath, 1)
+    for i, r in _atomic_rows(ipath, ("item_id",), drops):
+        title = _clean(r.get("movie_title", r.get("title", "")))
+        year = r.get("release_year", "").strip()
+        if title is not None and re.fullmatch(r"\d{4}", year) and not YEAR_AT_END.search(title):
+            title, added_year = f"{title} ({year})", added_year + 1
+        items.append((r["item_id"].strip(), title, "|".join(r.get("class", r.get("genre", "")).split())))
+        item_lines.append(i)
+    items_df = _items_frame(items, item_lines, ipath, ["genres"])
+    rows, lines = [], []
+    for i, r in _atomic_rows(rpath, ("user_id", "item_id", "timestamp"), drops):
+        rating = _int(r["rating"], "rating", rpath, i) if "rating" in r else 0
+        rows.append(
+            (r["user_id"].strip(), r["item_id"].strip(), rating, _int(r["timestamp"], "timestamp", rpath, i))
+        )
+        lines.append(i)
+    ratings = _ratings_frame(rows, lines, rpath, items_df)
+    return items_df, ratings, [rpath, ipath, added_year]
+
+
+def check_known_counts(name: str, raw: dict, strict: bool) -> dict | None:
+    if name not in KNOWN_COUNTS:
+        return None
+    want = dict(zip(("interactions", "users", "items"), KNOWN_COUNTS[name]))
+    got = {k: raw[k] for k in want}
+    ok = got == want
+    if not ok:
+        msg = f"{name}: expected the published counts {want}, got {got}; this is not the full {name}"
+        if strict:
+            raise DataPrepError(msg)
+        print(f"warning: {msg}", file=sys.stderr)
+    return {"dataset": name, "expected": want, "matches": ok}
+
+
+def prepare(
+    input_dir: str | Path,
+    output: str | Path,
+    fmt: Format = "auto",
+    cfg: ProtocolConfig | None = None,
+    strict_counts: bool = False,
+) -> dict:
+    """Parse one MovieLens directory and write the processed dataset; returns stats.json's content."""
+    input_dir, cfg, drops = Path(input_dir), cfg or ProtocolConfig(), Drops()
+    fmt = detect_format(input_dir) if fmt == "auto" else fmt
+    extra = {}
+    if fmt == "recbole":
+        items, ratings, (rpath, ipath, added) = read_recbole(input_dir, drops)
+        files, name = [rpath, ipath], rpath.stem
+        extra["titles_with_year_rebuilt"] = added
+    elif fmt in ("grouplens-100k", "grouplens-1m"):
+        one_m = fmt == "grouplens-1m"
+        items, ratings, files = read_grouplens(input_dir, one_m, drops)
+        name = "ml-1m" if one_m else "ml-100k"
+    else:
+        raise DataPrepError(f"--format must be auto, grouplens-100k, grouplens-1m or recbole, got {fmt!r}")
+    raw = {"interactions": len(ratings), "users": ratings["raw_user_id"].nunique(), "items": len(items)}
+    known = check_known_counts(name, raw, strict_counts)
+    if known:
+        extra["known_counts"] = known
+    return build_dataset(
+        items=items,
+        interactions=ratings,
+        cfg=cfg,
+        output=output,
+        input_files=files,
+        source={"dataset": name, "format": fmt},
+        drops=drops,
+        extra_stats=extra,
+    )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.movielens",
+        description="MovieLens-100K/1M (GroupLens or RecBole atomic files) -> items/interactions/samples "
+        "parquet + stats.json (DESIGN.md §3).",
+    )
+    p.add_argument("--input", required=True, type=Path, help="directory with the raw files")
+    p.add_argument("--output", required=True, type=Path, help="output directory, e.g. data/processed/ml100k")
+    p.add_argument("--format", default="auto", choices=["auto", "grouplens-100k", "grouplens-1m", "recbole"])
+    p.add_argument("--protocol", default="d3", choices=["d3", "loo"], help="split protocol (default d3)")
+    p.add_argument(
+        "--max-history", type=int, default=None, help="history items per sample (default: d3 10, loo 50)"
+    )
+    p.add_argument(
+        "--min-rating", type=float, default=None, help="keep ratings >= this (default: every rating counts)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="recorded in stats.json; the protocols use no randomness"
+    )
+    p.add_argument(
+        "--strict-counts", action="store_true", help="error (not warn) when ML-100K/1M counts differ"
+    )
+    return p.parse_args(argv)
+
+
+def _main(argv=None) -> None:
+    a = parse_args(argv)
+    cfg = ProtocolConfig(name=a.protocol, max_history=a.max_history, min_rating=a.min_rating, seed=a.seed)
+    stats = prepare(a.input, a.output, a.format, cfg, a.strict_counts)
+    print_summary(stats, a.output)
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
