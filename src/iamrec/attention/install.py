@@ -236,6 +236,7 @@ def apply_item_attention(
     context_visible: bool = True,
     split_at: int | None = None,
     hatllm_bands: tuple[int, int] | None = None,
+    config_key: str = "schedule",
 ) -> nn.Module:
     """Install item-aware attention into a transformers causal LM (or a peft model wrapping one).
 
@@ -250,6 +251,7 @@ def apply_item_attention(
         context_visible: every query may also see CONTEXT keys (instruction, response header).
         split_at: layer where ``split``/``split_inter_first`` switch kinds (default: half).
         hatllm_bands: (intra layers, inter layers) of the ``hatllm`` preset (default: a third each).
+        config_key: how errors name the schedule (e.g. ``model.schedule`` when set from a config).
     """
     if backend not in _STOCK_NAME:
         raise ValueError(f"backend='{backend}' is not one of {', '.join(_STOCK_NAME)}.")
@@ -257,7 +259,7 @@ def apply_item_attention(
     hf = _hf_model(model)
     _, layers = _decoder_layers(hf)
     num_layers = len(layers)
-    resolved = resolve_schedule(schedule, num_layers, split_at, hatllm_bands)
+    resolved = resolve_schedule(schedule, num_layers, split_at, hatllm_bands, key=config_key)
     old = getattr(hf, "_iam_state", None)
     if old is not None:
         for handle in old.handles:

@@ -1,0 +1,91 @@
+"""Training-step time of item-aware schedules against the stock causal model, same run, same weights.
+
+    python benchmarks/bench_attention.py --model .assets/models/SmolLM2-135M-Instruct --batch 4 --length 256
+
+Prints seconds per LoRA training step (forward + backward + AdamW) and the ratio to `causal`, plus the
+time spent building masks per forward. On a GPU add `--backends sdpa flex --device cuda`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from iamrec.attention import apply_item_attention
+from iamrec.model.loading import load_backbone
+from iamrec.segments import CONTEXT, TARGET
+
+
+def synthetic_batch(batch: int, length: int, vocab: int, item_len: int = 12, device: str = "cpu"):
+    """Prompts shaped like ML-100K ones: 20 context tokens, items of `item_len` tokens, 6 header, 10 target."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, vocab - 1, (batch, length), generator=gen)
+    seg = torch.full((batch, length), CONTEXT)
+    pos, k = 20, 1
+    while pos + item_len < length - 16:
+        seg[:, pos : pos + item_len] = k
+        pos, k = pos + item_len, k + 1
+    seg[:, length - 10 :] = TARGET
+    mask = torch.ones(batch, length, dtype=torch.long)
+    return ids.to(device), mask.to(device), seg.to(device)
+
+
+def step_time(model, ids, mask, seg, steps: int, warmup: int) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    labels = ids.masked_fill(seg != TARGET, -100)
+    times = []
+    for i in range(warmup + steps):
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = model(input_ids=ids, attention_mask=mask, segment_ids=seg, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=".assets/models/SmolLM2-135M-Instruct")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--schedules", nargs="+", default=["causal", "iam", "stacked", "hatllm"])
+    parser.add_argument("--backends", nargs="+", default=["sdpa"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from peft import LoraConfig, get_peft_model
+
+    base = load_backbone(args.model)
+    ids, mask, seg = synthetic_batch(args.batch, args.length, base.config.vocab_size, device=args.device)
+    print(f"model={args.model} device={args.device} batch={args.batch} length={args.length} "
+          f"layers={base.config.num_hidden_layers} torch={torch.__version__}")
+    results = {}
+    for backend in args.backends:
+        for schedule in args.schedules:
+            model = copy.deepcopy(base).to(args.device).train()
+            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+            apply_item_attention(model, schedule, backend=backend)
+            results[(backend, schedule)] = step_time(model, ids, mask, seg, args.steps, args.warmup)
+            del model
+    ref = results.get((args.backends[0], "causal"))
+    print(f"{'backend':<8}{'schedule':<12}{'s/step':>9}{'x causal':>10}")
+    for (backend, schedule), t in results.items():
+        ratio = f"{t / ref:.2f}" if ref else "-"
+        print(f"{backend:<8}{schedule:<12}{t:>9.3f}{ratio:>10}")
+
+
+if __name__ == "__main__":
+    main()

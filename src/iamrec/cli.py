@@ -1,0 +1,54 @@
+"""`iamrec fit | validate | test | predict --config FILE [--key.path=value ...]` (LightningCLI).
+
+The backbone is named once (`model.backbone`) and linked to the tokenizer of the data module. Errors
+that people cause (a missing dataset, an impossible schedule, an offline hub id, an empty split) are
+printed as one sentence, without a traceback (set IAMREC_DEBUG=1 to see it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from iamrec.data import IAMDataModule
+from iamrec.lit_module import IAMRecModule
+
+
+class IAMRecCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.backbone", "data.tokenizer")
+
+    def after_test(self) -> None:
+        """Print the most-popular baseline on the same test samples beside the model."""
+        from iamrec.baselines.popular import evaluate_popular
+        from iamrec.lit_module import format_metrics_table
+
+        dm = self.datamodule
+        if not self.trainer.is_global_zero or not isinstance(dm, IAMDataModule):
+            return
+        ds = dm.datasets.get("test")
+        indices = getattr(ds, "sample_indices", None)
+        popular = evaluate_popular(dm.data_dir, split="test", ks=self.model.ks, sample_indices=indices)
+        print(format_metrics_table({"most-popular": popular}, self.model.ks))
+
+
+def main(args: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        IAMRecCLI(
+            IAMRecModule,
+            IAMDataModule,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        if os.environ.get("IAMREC_DEBUG"):
+            raise
+        print(f"iamrec: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
