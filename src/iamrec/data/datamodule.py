@@ -1,0 +1,208 @@
+"""`IAMDataModule`: a processed dataset folder -> prompt batches for training and evaluation.
+
+The catalogue side (`items`, `titles`, `tokenizer`, `encoder`, `answer_token_ids`) loads lazily on first
+use, so the LightningModule can build its decoding trie before `setup` runs; samples load in `setup`.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+
+import lightning as L
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+from transformers import PreTrainedTokenizerBase
+
+from iamrec.data.collate import Collator
+from iamrec.data.dataset import (
+    SPLITS,
+    SampleDataset,
+    Samples,
+    check_data_dir,
+    load_items,
+    load_samples,
+    subset_rows,
+)
+from iamrec.data.encoding import PromptEncoder
+from iamrec.data.prompt import PromptTemplate
+from iamrec.data.sampler import LengthGroupedBatchSampler
+
+_EVAL_SEED_OFFSET = {"valid": 1, "test": 2}
+
+
+def _check_positive(name: str, value: int | None, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"data.{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+class IAMDataModule(L.LightningDataModule):
+    """Prompts with segment ids from a processed dataset (`data/processed/<name>/`).
+
+    Args:
+        data_dir: Folder holding items.parquet and samples.parquet (made by `make data-ml100k` or a
+            `python -m data_prep.<source>` run).
+        tokenizer: Model spec of the tokenizer: ``tiny``, a local model folder, or a hub id; normally the
+            same as the backbone.
+        template: How histories and answers are written as text; the defaults are the paper-style
+            prompt (see `iamrec.data.prompt`).
+        max_items: Keep at most this many most recent history items (None: all).
+        max_length: Longest sequence (prompt + answer + EOS) in tokens; whole oldest items are dropped
+            until a sample fits.
+        batch_size: Training batch size.
+        eval_batch_size: Batch size for validation, test and predict.
+        num_workers: DataLoader worker processes.
+        padding_side: Where training (and validation-loss) sequences are padded; evaluation prompts are
+            always left-padded.
+        pad_to_multiple_of: Round padded lengths up to a multiple of this (e.g. 128 for FlexAttention
+            on GPU); None pads to the longest in the batch.
+        bucket_by_length: Group training samples of similar length into batches (less padding; still
+            shuffled and seeded; works under DDP).
+        max_train_samples: Train on a seeded random subset of this many training samples (None: all).
+        max_eval_samples: Evaluate on a fixed seeded subset of this many valid/test samples, the same
+            across runs and ranks (None: all).
+        predict_split: Which split `predict` runs on.
+        seed: Seeds the training shuffle, the bucketing and the subsets.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        tokenizer: str,
+        template: PromptTemplate | None = None,
+        max_items: int | None = 10,
+        max_length: int = 512,
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        padding_side: Literal["right", "left"] = "right",
+        pad_to_multiple_of: int | None = None,
+        bucket_by_length: bool = False,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        predict_split: Literal["valid", "test"] = "test",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_positive("max_items", max_items, allow_none=True, minimum=0)
+        _check_positive("max_length", max_length)
+        _check_positive("batch_size", batch_size)
+        _check_positive("eval_batch_size", eval_batch_size)
+        _check_positive("num_workers", num_workers, minimum=0)
+        _check_positive("pad_to_multiple_of", pad_to_multiple_of, allow_none=True)
+        _check_positive("max_train_samples", max_train_samples, allow_none=True)
+        _check_positive("max_eval_samples", max_eval_samples, allow_none=True)
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"data.padding_side must be 'left' or 'right', got {padding_side!r}.")
+        if predict_split not in ("valid", "test"):
+            raise ValueError(f"data.predict_split must be 'valid' or 'test', got {predict_split!r}.")
+        if template is not None and not isinstance(template, PromptTemplate):
+            raise ValueError(f"data.template must be a PromptTemplate, got {type(template).__name__}.")
+        self.data_dir = data_dir
+        self.tokenizer_spec = tokenizer
+        self.template = template if template is not None else PromptTemplate()
+        self.max_items, self.max_length = max_items, max_length
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.padding_side, self.pad_to_multiple_of = padding_side, pad_to_multiple_of
+        self.bucket_by_length = bucket_by_length
+        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
+        self.predict_split, self.seed = predict_split, seed
+        self.datasets: dict[str, SampleDataset] = {}
+        self._samples: Samples | None = None
+
+    # --- catalogue (lazy) ----------------------------------------------------------------------------
+    @cached_property
+    def items(self) -> pd.DataFrame:
+        """items.parquet, sorted by item_id, titles stripped."""
+        return load_items(self.data_dir)
+
+    @property
+    def titles(self) -> list[str]:
+        """Item titles indexed by item id."""
+        return self.items["title"].tolist()
+
+    @property
+    def num_items(self) -> int:
+        return len(self.items)
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        from iamrec.model.loading import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_spec)
+
+    @cached_property
+    def encoder(self) -> PromptEncoder:
+        """The catalogue tokenized once (see `iamrec.data.encoding`)."""
+        return PromptEncoder(self.tokenizer, self.template, self.titles, self.max_items, self.max_length)
+
+    @property
+    def answer_token_ids(self) -> list[list[int]]:
+        """Per item id: the answer tokens + EOS, exactly as trained (`encode_answer`); for the trie."""
+        return self.encoder.answer_ids
+
+    # --- samples -------------------------------------------------------------------------------------
+    @property
+    def samples(self) -> Samples:
+        if self._samples is None:
+            self._samples = load_samples(self.data_dir, self.num_items)
+        return self._samples
+
+    def _dataset(self, split: str) -> SampleDataset:
+        if split not in self.datasets:
+            rows = self.samples.rows(split)
+            if split == "train":
+                rows = subset_rows(rows, self.max_train_samples, self.seed)
+            else:
+                rows = subset_rows(rows, self.max_eval_samples, self.seed + _EVAL_SEED_OFFSET[split])
+            self.datasets[split] = SampleDataset(self.encoder, self.samples, rows)
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and check the files and build the datasets `stage` needs (all splits when None)."""
+        check_data_dir(self.data_dir)
+        needs = {
+            "fit": ("train", "valid"),
+            "validate": ("valid",),
+            "test": ("test",),
+            "predict": (self.predict_split,),
+        }
+        for split in needs.get(stage or "", SPLITS):
+            self._dataset(split)
+
+    # --- loaders -------------------------------------------------------------------------------------
+    def _collator(self, with_prompt: bool) -> Collator:
+        return Collator(self.tokenizer.pad_token_id, self.padding_side, self.pad_to_multiple_of, with_prompt)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self._dataset("train")
+        generator = torch.Generator().manual_seed(self.seed)
+        common = dict(collate_fn=self._collator(False), num_workers=self.num_workers)
+        if self.bucket_by_length:
+            # Under DDP Lightning swaps `sampler` for a DistributedSampler (see sampler.py).
+            batch_sampler = LengthGroupedBatchSampler(
+                RandomSampler(ds, generator=generator), self.batch_size, False, ds.lengths, self.seed
+            )
+            return DataLoader(ds, batch_sampler=batch_sampler, **common)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, generator=generator, **common)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self._dataset(split),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self._collator(True),
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.predict_split)
