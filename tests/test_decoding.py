@@ -1,0 +1,221 @@
+"""Title trie and constrained beam search: literal trie checks, fast path == HF generate (reference)."""
+
+import random
+
+import pytest
+import torch
+
+from iamrec.attention import CONTEXT, PAD, apply_item_attention
+from iamrec.decoding import TitleTrie, constrained_beam_search, prefix_table, reference_beam_search
+from iamrec.model.loading import load_backbone
+from iamrec.model.tiny import build_tiny_tokenizer
+
+EOS = 2
+
+# ---------------------------------------------------------------- trie, literal expectations
+
+
+def _small_trie():
+    # items 0..3: A, B, C (a token-level prefix of A and B), D (a duplicate of A)
+    return TitleTrie.from_sequences([[5, 7, EOS], [5, 9, EOS], [5, EOS], [5, 7, EOS]], vocab_size=10)
+
+
+def test_trie_csr_layout_matches_the_docstring_drawing():
+    trie = _small_trie()
+    assert trie.child_ptr.tolist() == [0, 1, 4, 4, 5, 6, 6, 6]
+    assert trie.child_token.tolist() == [5, 2, 7, 9, 2, 2]
+    assert trie.child_node.tolist() == [1, 2, 3, 4, 5, 6]
+    assert trie.item_ptr.tolist() == [0, 0, 0, 1, 1, 1, 3, 4]
+    assert trie.item_ids.tolist() == [2, 0, 3, 1]
+    assert trie.max_depth == 3 and trie.eos_token_id == EOS and trie.num_items == 4
+
+
+def test_trie_allowed_mask_advance_and_items():
+    trie = _small_trie()
+    mask = trie.allowed_mask(torch.tensor([0, 1, 3, 5, -1]))
+    expected = torch.zeros(5, 10, dtype=torch.bool)
+    expected[0, 5] = True  # root: only 5
+    expected[1, [2, 7, 9]] = True  # after 5: EOS (item C), 7, 9
+    expected[2, 2] = True  # after 5 7: EOS
+    # row 3: a leaf (after EOS) and row 4: off the trie -> nothing allowed
+    assert torch.equal(mask, expected)
+    nodes = torch.tensor([0, 1, 1, 1, 3, 0, -1, 5])
+    tokens = torch.tensor([5, 7, 9, 2, 2, 7, 5, 2])
+    assert trie.advance(nodes, tokens).tolist() == [1, 3, 4, 2, 5, -1, -1, -1]
+    assert trie.items_of([5, 7, EOS]) == [0, 3]  # the duplicate title maps to both items
+    assert trie.items_of([5, EOS]) == [2]
+    assert trie.items_of([5, 9, EOS]) == [1]
+    assert trie.items_of([5, 7]) == [] and trie.items_of([7]) == []
+    assert trie.is_leaf(torch.tensor([0, 1, 2, 5, 6, -1])).tolist() == [False, False, True, True, True, False]
+
+
+def test_trie_rejects_bad_answers():
+    with pytest.raises(ValueError, match="must end with the same EOS"):
+        TitleTrie.from_sequences([[5, 2], [5, 3]], 10)
+    with pytest.raises(ValueError, match="contains EOS"):
+        TitleTrie.from_sequences([[5, 2, 7, 2]], 10)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        TitleTrie.from_sequences([[12, 2]], 10)
+
+
+def test_allowed_mask_equals_prefix_dict_on_a_random_catalogue():
+    answers = _catalogue()
+    trie = TitleTrie.from_sequences(answers, 600)
+    table = prefix_table(trie)
+    prefixes = list(table)
+    nodes = torch.tensor([trie.walk(p) for p in prefixes])
+    mask = trie.allowed_mask(nodes)
+    for row, prefix in enumerate(prefixes):
+        assert mask[row].nonzero().view(-1).tolist() == table[prefix]
+
+
+# ---------------------------------------------------------------- a small catalogue and batch
+
+_WORDS = [
+    "Toy",
+    "Story",
+    "Golden",
+    "Eye",
+    "Four",
+    "Rooms",
+    "Get",
+    "Shorty",
+    "Copycat",
+    "Twelve",
+    "Monkeys",
+    "Babe",
+    "Dead",
+    "Man",
+    "Walking",
+    "Seven",
+]
+
+
+def _catalogue(n=40, seed=0):
+    """40 answers from the tiny tokenizer: two duplicate titles and titles that are token-level prefixes."""
+    tok = build_tiny_tokenizer()
+    rng = random.Random(seed)
+    titles = [" ".join(rng.sample(_WORDS, rng.randint(1, 3))) + f" ({1990 + i})" for i in range(n - 4)]
+    titles += [titles[3], titles[7]]  # duplicates
+    answers = [tok(t, add_special_tokens=False)["input_ids"] + [EOS] for t in titles]
+    answers.append(answers[0][:-1] + [answers[5][0], answers[9][1]] + [EOS])  # answer 0 is a prefix of it
+    answers.append(answers[2][:2] + [EOS])  # a prefix of answer 2
+    return answers
+
+
+def _prompts(seed=0):
+    """Three prompts of lengths 12, 9, 7, left-padded to 12, with item segments."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths, L = [12, 9, 7], 12
+    ids = torch.zeros(3, L, dtype=torch.long)
+    mask = torch.zeros(3, L, dtype=torch.long)
+    seg = torch.full((3, L), PAD)
+    for row, n in enumerate(lengths):
+        ids[row, L - n :] = torch.randint(3, 500, (n,), generator=gen)
+        mask[row, L - n :] = 1
+        n_items = (n - 3) // 2  # context(2) + items of 2 tokens + header(1)
+        s = [CONTEXT, CONTEXT] + [k for k in range(1, n_items + 1) for _ in range(2)]
+        seg[row, L - n :] = torch.tensor(s + [CONTEXT] * (n - len(s)))
+    return ids, mask, seg
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP spin-waiting on a busy 2-core machine (10x faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["iam", "causal"])
+def model(request):
+    torch.manual_seed(0)
+    m = load_backbone("tiny").eval()
+    with torch.no_grad():  # sharpen the random LM head so beams are well separated (no near-ties)
+        m.lm_head.weight.mul_(5.0)
+    return apply_item_attention(m, request.param)
+
+
+@pytest.fixture(scope="module")
+def trie():
+    return TitleTrie.from_sequences(_catalogue(), 600)
+
+
+def _assert_same(fast, ref):
+    b, k = fast.scores.shape
+    for i in range(b):
+        assert [fast.answer(i, j) for j in range(k)] == [ref.answer(i, j) for j in range(k)]
+        assert fast.items[i] == ref.items[i]
+    assert torch.allclose(fast.scores, ref.scores, atol=1e-5, rtol=0)
+    assert torch.equal(fast.item_ids, ref.item_ids)
+
+
+# ---------------------------------------------------------------- fast path == HF generate
+
+
+@pytest.mark.parametrize("num_beams", [2, 6])
+def test_fast_beam_search_equals_hf_generate(model, trie, num_beams):
+    ids, mask, seg = _prompts()
+    fast = constrained_beam_search(model, ids, mask, seg, trie, num_beams)
+    ref = reference_beam_search(model, ids, mask, seg, trie, num_beams)
+    _assert_same(fast, ref)
+    catalogue = set(trie.sequences)
+    for i in range(ids.shape[0]):
+        for j in range(num_beams):
+            assert tuple(fast.answer(i, j)) in catalogue  # never a title outside the catalogue
+            assert fast.items[i][j] and fast.item_ids[i, j] == fast.items[i][j][0]
+        assert torch.all(fast.scores[i, :-1] >= fast.scores[i, 1:])  # best first
+
+
+def test_duplicate_titles_return_all_their_items(model, trie):
+    ids, mask, seg = _prompts(seed=1)
+    fast = constrained_beam_search(model, ids, mask, seg, trie, 8)
+    for i in range(3):
+        for j in range(8):
+            assert fast.items[i][j] == trie.items_of(fast.answer(i, j))
+    dup = trie.items_of(trie.sequences[3])
+    assert dup == [3, 36]
+
+
+def test_length_penalty_and_never_early_stopping_also_match_hf(model, trie):
+    ids, mask, seg = _prompts(seed=2)
+    for lp, es in [(1.0, "never"), (0.0, False)]:
+        kw = dict(length_penalty=lp, early_stopping=es)
+        fast = constrained_beam_search(model, ids, mask, seg, trie, 4, **kw)
+        ref = reference_beam_search(model, ids, mask, seg, trie, 4, **kw)
+        _assert_same(fast, ref)
+
+
+def test_batch_of_n_equals_n_batches_of_one(model, trie):
+    ids, mask, seg = _prompts(seed=3)
+    both = constrained_beam_search(model, ids, mask, seg, trie, 5)
+    for i in range(3):
+        start = int((mask[i] == 0).sum())  # strip this row's left padding
+        one = constrained_beam_search(
+            model, ids[i : i + 1, start:], mask[i : i + 1, start:], seg[i : i + 1, start:], trie, 5
+        )
+        assert [both.answer(i, j) for j in range(5)] == [one.answer(0, j) for j in range(5)]
+        assert torch.allclose(both.scores[i], one.scores[0], atol=1e-5, rtol=0)
+
+
+def test_dropping_settled_prompts_changes_nothing_but_cost(model, trie):
+    ids, mask, seg = _prompts(seed=4)
+    a = constrained_beam_search(model, ids, mask, seg, trie, 6, drop_settled=True)
+    b = constrained_beam_search(model, ids, mask, seg, trie, 6, drop_settled=False)
+    _assert_same(a, b)
+
+
+def test_more_beams_than_answers_still_equals_hf(model):
+    """Fewer catalogue answers than beams: HF fills the rest with placeholder beams; so do we."""
+    small = TitleTrie.from_sequences(_catalogue()[:3], 600)
+    ids, mask, seg = _prompts(seed=5)
+    fast = constrained_beam_search(model, ids, mask, seg, small, 5)
+    ref = reference_beam_search(model, ids, mask, seg, small, 5)
+    _assert_same(fast, ref)
+    assert (fast.scores[:, :3] > -1e8).all() and (fast.scores[:, 3:] < -1e8).all()
+
+
+def test_trie_vocabulary_must_match_the_model(model):
+    with pytest.raises(ValueError, match="vocabulary of 10 tokens"):
+        constrained_beam_search(model, *_prompts(), _small_trie(), 2)
