@@ -86,11 +86,21 @@ class IAMRecModule(L.LightningModule):
             raise ValueError(f"model.lr must be > 0, got {lr}.")
         self.save_hyperparameters()
         self.model = build_model(
-            backbone, schedule, backend, context_visible, split_at, hatllm_bands, lora, lora_r, lora_alpha,
-            lora_dropout, lora_target_modules, model_dtype, gradient_checkpointing,
+            backbone,
+            schedule,
+            backend,
+            context_visible,
+            split_at,
+            hatllm_bands,
+            lora,
+            lora_r,
+            lora_alpha,
+            lora_dropout,
+            lora_target_modules,
+            model_dtype,
+            gradient_checkpointing,
         )
         self.ks = tuple(ks)
-        self.test_metrics = RankingMetrics(self.ks)
         self.val_metrics = RankingMetrics(self.ks)
         self.invalid = InvalidOutputRate()
         self._trie = None
@@ -104,7 +114,9 @@ class IAMRecModule(L.LightningModule):
     def target_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hf = self.hf_model
         hidden = hf.model(  # (B, L, H); the decoder stack alone, the LM head comes below
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], segment_ids=batch["segment_ids"]
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            segment_ids=batch["segment_ids"],
         ).last_hidden_state
         labels = batch["labels"][:, 1:]  # position t predicts token t + 1
         where = labels != IGNORE_INDEX  # (B, L-1)
@@ -134,7 +146,9 @@ class IAMRecModule(L.LightningModule):
         if self._trie is None:
             from iamrec.decoding import TitleTrie
 
-            self._trie = TitleTrie.from_sequences(datamodule.answer_token_ids, self.hf_model.config.vocab_size)
+            self._trie = TitleTrie.from_sequences(
+                datamodule.answer_token_ids, self.hf_model.config.vocab_size
+            )
         return self._trie
 
     def _rank(self, batch: dict[str, torch.Tensor]):
@@ -156,7 +170,6 @@ class IAMRecModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ranks, beams, invalid = self._rank(batch)
-        self.test_metrics.update(ranks)
         self.invalid.update(invalid, sum(len(user) for user in beams))
         for i, user_beams in enumerate(beams):
             self._predictions.append(
@@ -173,14 +186,22 @@ class IAMRecModule(L.LightningModule):
         self._predictions = []
 
     def on_test_epoch_end(self) -> None:
-        values = {k: float(v) if k != "users" else int(v) for k, v in self.test_metrics.compute().items()}
+        # Metrics from the gathered, de-duplicated predictions of all ranks: the distributed sampler
+        # repeats a few samples so every rank gets an equal share, and those must count once.
+        predictions = self._gather_predictions()
+        metric = RankingMetrics(self.ks, sync_on_compute=False)  # every rank holds all predictions
+        metric.update(torch.tensor(predictions["rank"].tolist(), dtype=torch.long))
+        values: dict[str, Any] = {
+            k: float(v) if k != "users" else int(v) for k, v in metric.compute().items()
+        }
         values["invalid_rate"] = float(self.invalid.compute())
         values["schedule"] = describe(self.hf_model._iam_state.schedule)
-        self.log_dict({f"test/{k}": v for k, v in values.items() if isinstance(v, float)}, sync_dist=False)
-        predictions = self._gather_predictions()
+        self.log_dict(
+            {f"test/{k}": v for k, v in values.items() if isinstance(v, float)}, rank_zero_only=True
+        )
+        log_dir = Path(self.trainer.log_dir or ".")  # a collective (broadcast): every rank asks
         if self.trainer.is_global_zero:
-            write_test_outputs(Path(self.trainer.log_dir or "."), values, predictions)
-        self.test_metrics.reset()
+            write_test_outputs(log_dir, values, predictions)
         self.invalid.reset()
 
     def _gather_predictions(self) -> pd.DataFrame:
@@ -231,7 +252,9 @@ class IAMRecModule(L.LightningModule):
         if self.hparams.lora:
             missing = {k for k, _ in self.named_parameters() if _.requires_grad} - set(state_dict)
             if missing and strict:
-                raise RuntimeError(f"checkpoint lacks {len(missing)} adapter weights, e.g. {sorted(missing)[:3]}")
+                raise RuntimeError(
+                    f"checkpoint lacks {len(missing)} adapter weights, e.g. {sorted(missing)[:3]}"
+                )
             strict = False
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -252,7 +275,9 @@ def build_model(
     gradient_checkpointing: bool,
 ):
     """Backbone -> (LoRA) -> item-aware attention. Plain PyTorch/transformers, no Lightning."""
-    model = load_backbone(backbone, dtype=model_dtype, attn_implementation="eager" if backend == "eager" else "sdpa")
+    model = load_backbone(
+        backbone, dtype=model_dtype, attn_implementation="eager" if backend == "eager" else "sdpa"
+    )
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -260,12 +285,16 @@ def build_model(
         from peft import LoraConfig, get_peft_model
 
         targets = lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]
-        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
+        config = LoraConfig(
+            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets
+        )
         model = get_peft_model(model, config)
         for p in model.parameters():  # adapters in fp32 even on a bf16 base
             if p.requires_grad:
                 p.data = p.data.float()
-    apply_item_attention(model, schedule, backend, context_visible, split_at, hatllm_bands, config_key="model.schedule")
+    apply_item_attention(
+        model, schedule, backend, context_visible, split_at, hatllm_bands, config_key="model.schedule"
+    )
     return model
 
 

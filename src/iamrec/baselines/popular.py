@@ -109,6 +109,7 @@ def evaluate_popular(
     max_users: int | None = None,
     exclude_history: bool = False,
     out_dir: str | Path | None = None,
+    sample_indices: Sequence[int] | None = None,
 ) -> dict[str, float | int]:
     """Score the most-popular baseline on one split of a processed dataset.
 
@@ -120,6 +121,8 @@ def evaluate_popular(
         exclude_history: drop each user's history items from that user's list.
         out_dir: if given, write ``test_metrics.json`` and ``predictions.parquet`` there (run-directory
             layout read by :mod:`iamrec.results`).
+        sample_indices: evaluate exactly these rows of samples.parquet (e.g. the LLM's test subset), so
+            the baseline is scored on the same users as the model.
 
     Returns:
         ``{"HR@K": ..., "NDCG@K": ..., "users": n, "invalid_rate": 0.0}``.
@@ -127,10 +130,13 @@ def evaluate_popular(
     num_items = read_num_items(processed_dir)
     samples = read_samples(processed_dir)
     order = popularity_order(item_popularity(samples, num_items))
-    evaluated = samples[samples["split"] == split].reset_index(drop=True)
+    if sample_indices is not None:
+        evaluated = samples.iloc[sorted(int(i) for i in sample_indices)].reset_index(drop=True)
+    else:
+        evaluated = samples[samples["split"] == split].reset_index(drop=True)
     if max_users is not None:
         evaluated = evaluated.iloc[:max_users]
-    metric = RankingMetrics(ks)
+    metric = RankingMetrics(ks, sync_on_compute=False)  # local data: never sum across ranks
     ranks = popular_ranks(evaluated, order, max(metric.ks), exclude_history)
     metric.update(torch.from_numpy(ranks))
     result = {**metric.compute(), "invalid_rate": 0.0}  # a fixed list never names a non-item

@@ -1,0 +1,123 @@
+"""The `iamrec` command line end to end on the tiny config (random model, seconds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml"))
+IAMREC = [sys.executable, "-m", "iamrec.cli"]
+
+
+def run(args: list[str], cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(IAMREC + args, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_shipped_config_parses(config):
+    res = run(["fit", "--config", config, "--print_config"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "model:" in res.stdout and "data:" in res.stdout
+
+
+def _tiny(processed_dir: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        "configs/tiny.yaml",
+        f"--data.data_dir={processed_dir}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.max_steps=6",
+        "--trainer.val_check_interval=3",
+        "--data.max_eval_samples=12",
+        *extra,
+    ]
+
+
+def test_fit_then_test_writes_metrics_and_predictions(processed_dir, tmp_path):
+    res = run(["fit", *_tiny(processed_dir, tmp_path)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    res = run(["test", *_tiny(processed_dir, tmp_path), "--ckpt_path=last"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics_file = next(tmp_path.rglob("test_metrics.json"))
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["users"] == 12 and metrics["invalid_rate"] == 0.0
+    for k in (1, 5, 10, 20):
+        assert 0.0 <= metrics[f"NDCG@{k}"] <= metrics[f"HR@{k}"] <= 1.0
+    preds = pd.read_parquet(metrics_file.parent / "predictions.parquet")
+    assert len(preds) == 12 and preds["sample_index"].is_unique
+    hr10 = float((preds["rank"].between(0, 9)).mean())
+    assert hr10 == pytest.approx(metrics["HR@10"])
+    assert "most-popular" in res.stdout and "HR@10" in res.stdout
+    # the adapter-or-full checkpoint rebuilds the model without the training config
+    from iamrec.lit_module import IAMRecModule
+
+    module = IAMRecModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert module.hparams.schedule == "iam"
+
+
+def test_resume_from_last_finishes_with_the_same_number_of_steps(processed_dir, tmp_path):
+    res = run(
+        ["fit", *_tiny(processed_dir, tmp_path), "--trainer.max_steps=3"]
+    )  # "interrupted" after 3 steps
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run(["fit", *_tiny(processed_dir, tmp_path), "--ckpt_path=last"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 6
+
+
+def test_ddp_two_processes_equal_one_process(processed_dir, tmp_path):
+    res = run(["fit", *_tiny(processed_dir, tmp_path / "one")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = str(tmp_path / "one" / "checkpoints" / "last.ckpt")
+    metrics = {}
+    for devices in (1, 2):
+        root = tmp_path / f"test{devices}"
+        extra = [f"--trainer.devices={devices}", "--data.max_eval_samples=11"]
+        if devices == 2:
+            extra.append("--trainer.strategy=ddp")
+        res = run(["test", *_tiny(processed_dir, root, *extra), f"--ckpt_path={ckpt}"])
+        assert res.returncode == 0, res.stderr[-3000:]
+        metrics[devices] = json.loads(next(root.rglob("test_metrics.json")).read_text())
+    assert metrics[1]["users"] == metrics[2]["users"] == 11
+    for key in ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@10", "NDCG@20"):
+        assert metrics[1][key] == pytest.approx(metrics[2][key], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--data.data_dir=/nonexistent/ml100k"], "/nonexistent/ml100k"),
+        (["--model.schedule=[intra,inter]"], "model.schedule lists 2 layers but the backbone has 4"),
+        (["--model.backbone=Qwen/Qwen2.5-0.5B-Instruct"], "hub is not reachable"),
+    ],
+)
+def test_bad_input_gives_one_sentence(processed_dir, tmp_path, extra, message, monkeypatch):
+    res = subprocess.run(
+        IAMREC + ["fit", *_tiny(processed_dir, tmp_path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_empty_test_split_is_reported(tmp_path):
+    from tests.conftest import write_processed
+
+    data = write_processed(tmp_path / "d")
+    samples = pd.read_parquet(data / "samples.parquet")
+    samples[samples["split"] != "test"].to_parquet(data / "samples.parquet", index=False)
+    res = run(["test", *_tiny(data, tmp_path / "run")])
+    assert res.returncode == 2
+    assert "test" in res.stderr and "empty" in res.stderr and "Traceback" not in res.stderr
