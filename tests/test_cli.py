@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -62,15 +64,40 @@ def test_fit_then_test_writes_metrics_and_predictions(processed_dir, tmp_path):
     assert module.hparams.schedule == "iam"
 
 
-def test_resume_from_last_finishes_with_the_same_number_of_steps(processed_dir, tmp_path):
-    res = run(
-        ["fit", *_tiny(processed_dir, tmp_path), "--trainer.max_steps=3"]
-    )  # "interrupted" after 3 steps
+def test_killed_fit_resumes_from_last_and_finishes_the_same_steps(processed_dir, tmp_path):
+    args = [
+        *_tiny(processed_dir, tmp_path),
+        "--trainer.max_steps=40",
+        "--trainer.val_check_interval=40",
+        "--checkpoint.every_n_train_steps=2",
+    ]
+    proc = subprocess.Popen(IAMREC + ["fit", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up, as with a lost machine
+    proc.wait()
+    killed_at = torch.load(last, weights_only=False, map_location="cpu")["global_step"]
+    assert 0 < killed_at < 40
+    res = run(["fit", *args, "--ckpt_path=last"])
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run(["fit", *_tiny(processed_dir, tmp_path), "--ckpt_path=last"])
+    assert torch.load(last, weights_only=False, map_location="cpu")["global_step"] == 40
+
+
+def test_bf16_mixed_with_bf16_base_and_fp32_adapters(processed_dir, tmp_path):
+    extra = [
+        "--trainer.precision=bf16-mixed",
+        "--model.model_dtype=bfloat16",
+        "--model.lora=true",
+        "--trainer.max_steps=2",
+    ]
+    res = run(["fit", *_tiny(processed_dir, tmp_path, *extra)])
     assert res.returncode == 0, res.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
-    assert ckpt["global_step"] == 6
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")[
+        "state_dict"
+    ]
+    assert state and all("lora_" in k and v.dtype == torch.float32 for k, v in state.items())
 
 
 def test_ddp_two_processes_equal_one_process(processed_dir, tmp_path):
