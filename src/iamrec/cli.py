@@ -39,7 +39,7 @@ class IAMRecCLI(LightningCLI):
         if not self.trainer.is_global_zero or not isinstance(dm, IAMDataModule):
             return
         ds = dm.datasets.get("test")
-        indices = getattr(ds, "sample_indices", None)
+        indices = getattr(ds, "rows", None)  # the exact samples the model was tested on
         popular = evaluate_popular(dm.data_dir, split="test", ks=self.model.ks, sample_indices=indices)
         print(format_metrics_table({"most-popular": popular}, self.model.ks))
 

@@ -31,7 +31,10 @@ states torchmetrics reduces across processes before ``compute()``.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -39,6 +42,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -60,9 +65,17 @@ def left_pad(histories: Sequence[Sequence[int]], max_len: int, pad_id: int) -> n
 
 
 class PaddedSamples(Dataset):
-    """Samples as padded tensors; fetched a whole batch at a time through ``__getitems__``."""
+    """Samples as padded tensors; fetched a whole batch at a time through ``__getitems__``.
 
-    def __init__(self, samples: pd.DataFrame, max_len: int, pad_id: int) -> None:
+    ``sample_index`` is each sample's row in samples.parquet (default: 0..N-1 of ``samples``), carried into
+    the batches so test predictions name the same rows as the LLM's ``predictions.parquet``.
+    """
+
+    def __init__(
+        self, samples: pd.DataFrame, max_len: int, pad_id: int, sample_index: np.ndarray | None = None
+    ) -> None:
+        rows = np.arange(len(samples)) if sample_index is None else np.asarray(sample_index, dtype=np.int64)
+        self.sample_index = torch.from_numpy(rows.astype(np.int64))  # (N,)
         self.user_id = torch.tensor(samples["user_id"].to_numpy(np.int64))  # (N,)
         self.target = torch.tensor(samples["target"].to_numpy(np.int64))  # (N,)
         self.history = torch.from_numpy(left_pad(samples["history"].tolist(), max_len, pad_id))  # (N, L)
@@ -76,7 +89,12 @@ class PaddedSamples(Dataset):
     def __getitems__(self, idx: list[int]) -> dict[str, Tensor]:
         # Batched indexing: one gather per tensor instead of a Python collate over B dicts.
         idx_t = torch.as_tensor(idx)
-        return {"user_id": self.user_id[idx_t], "history": self.history[idx_t], "target": self.target[idx_t]}
+        return {
+            "sample_index": self.sample_index[idx_t],
+            "user_id": self.user_id[idx_t],
+            "history": self.history[idx_t],
+            "target": self.target[idx_t],
+        }
 
 
 def _batch_as_is(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -97,6 +115,10 @@ class SASRecDataModule(L.LightningDataModule):
         batch_size: samples per training batch.
         num_workers: DataLoader worker processes.
         eval_batch_size: samples per valid/test batch (defaults to ``batch_size``).
+        max_eval_samples: evaluate on a fixed seeded subset of this many valid/test samples, chosen
+            exactly as ``IAMDataModule`` chooses it (same rows for the same ``seed``), so SASRec is scored
+            on the same users as the LLM cells (None: all).
+        seed: seeds the evaluation subset (the training shuffle follows ``seed_everything``).
     """
 
     def __init__(
@@ -106,15 +128,20 @@ class SASRecDataModule(L.LightningDataModule):
         batch_size: int = 256,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
+        max_eval_samples: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if max_len < 1 or batch_size < 1 or num_workers < 0:
             raise ValueError("SASRecDataModule: need max_len >= 1, batch_size >= 1 and num_workers >= 0.")
+        if max_eval_samples is not None and max_eval_samples < 1:
+            raise ValueError(f"data.max_eval_samples must be >= 1 or None, got {max_eval_samples}.")
         self.data_dir = data_dir
         self.max_len = max_len
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.eval_batch_size = eval_batch_size or batch_size
+        self.max_eval_samples, self.seed = max_eval_samples, seed
         self._num_items: int | None = None
         self.datasets: dict[str, PaddedSamples] = {}
 
@@ -128,10 +155,16 @@ class SASRecDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        samples = read_samples(self.data_dir)
+        from iamrec.data.datamodule import _EVAL_SEED_OFFSET  # the LLM data module's subset seeds
+        from iamrec.data.dataset import subset_rows
+
+        samples = read_samples(self.data_dir)  # file order: row r is sample_index r
         for split in ("train", "valid", "test"):
-            part = samples[samples["split"] == split].reset_index(drop=True)
-            self.datasets[split] = PaddedSamples(part, self.max_len, pad_id=self.num_items)
+            rows = np.flatnonzero(samples["split"].to_numpy() == split)
+            if split != "train":
+                rows = subset_rows(rows, self.max_eval_samples, self.seed + _EVAL_SEED_OFFSET[split])
+            part = samples.iloc[rows].reset_index(drop=True)
+            self.datasets[split] = PaddedSamples(part, self.max_len, self.num_items, sample_index=rows)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset, sampler = self.datasets[split], None
@@ -381,11 +414,17 @@ class SASRec(L.LightningModule):
         self.val_metrics.update(self.rank_targets(batch)[1])
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        _, rank = self.rank_targets(batch)
+        top, rank = self.rank_targets(batch)
         self.test_metrics.update(rank)
         # Per-sample ranks of this process, for predictions.parquet (the caller gathers across ranks).
         self.test_predictions.append(
-            {"user_id": batch["user_id"].cpu(), "target": batch["target"].cpu(), "rank": rank.cpu()}
+            {
+                "sample_index": batch["sample_index"].cpu(),
+                "user_id": batch["user_id"].cpu(),
+                "target": batch["target"].cpu(),
+                "rank": rank.cpu(),
+                "top_items": top.cpu(),
+            }
         )
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
@@ -416,3 +455,68 @@ class SASRec(L.LightningModule):
         return torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.98), weight_decay=self.hparams.weight_decay
         )
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _checkpoint_dir(root: str | None) -> str:
+    return os.path.join(root or ".", "checkpoints")
+
+
+class SASRecCLI(LightningCLI):
+    """``python -m iamrec.baselines.sasrec``: SASRec + SASRecDataModule, with iamrec's run-folder layout."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.max_len", "model.max_len")
+        # As in `iamrec`: <default_root_dir>/checkpoints/last.ckpt (resume, test from a new process), plus
+        # the best epoch by validation NDCG@10 as best-*.ckpt (what the table evaluates).
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.monitor": "val/NDCG@10",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best-{epoch}",
+            }
+        )
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+
+    def after_test(self) -> None:
+        """Write ``test_metrics.json`` and ``predictions.parquet`` (all processes' rows) to the log dir."""
+        from iamrec.lit_module import write_test_outputs
+
+        model: SASRec = self.model
+        parts = model.test_predictions
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, parts)
+            parts = [p for rank_parts in gathered for p in rank_parts]
+        log_dir = Path(self.trainer.log_dir or ".")
+        if not self.trainer.is_global_zero:
+            return
+        cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        frame = pd.DataFrame(
+            {k: cat[k].numpy() for k in ("sample_index", "user_id", "target", "rank")} if cat else {}
+        )
+        if cat:
+            frame["top_items"] = cat["top_items"].tolist()
+            frame = frame.sort_values("sample_index").reset_index(drop=True)
+        metrics = {k: float(v) if k != "users" else int(v) for k, v in model.test_results.items()}
+        metrics["invalid_rate"] = 0.0  # a ranking over the catalogue never names a non-item
+        write_test_outputs(log_dir, metrics, frame)
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        SASRecCLI(SASRec, SASRecDataModule, save_config_kwargs={"overwrite": True}, args=args)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        if os.environ.get("IAMREC_DEBUG"):
+            raise
+        print(f"iamrec.baselines.sasrec: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""`python -m iamrec.reproduce`: cell planning, profile overrides, skip/resume with DONE markers, missing
+cells, the popular baseline on the LLM's test rows, and every table config parsing through the real CLIs.
+
+No model is trained: the stage subprocesses are replaced by a fake that writes what `iamrec test` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from iamrec import reproduce as rp
+from iamrec.reproduce import PROFILES, TABLES, Cell, Profile, plan, stage_commands
+
+REPO = Path(__file__).resolve().parents[1]
+CELLS = [Cell(t, d, m) for t in TABLES for d in rp.DATASETS for m in TABLES[t]]
+METRICS = {"HR@5": 0.2, "HR@10": 0.3, "HR@20": 0.4, "NDCG@5": 0.1, "NDCG@10": 0.15, "NDCG@20": 0.2}
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # the configs name paths relative to the repository root
+    monkeypatch.setattr(sys, "argv", ["iamrec"])  # in-process CLI calls: no pytest arguments in sight
+
+
+# ---------------------------------------------------------------------------------------- planning
+
+
+def test_plan_has_one_config_per_cell(in_repo) -> None:
+    cells = plan("table2", ["ml100k"])
+    assert [c.method for c in cells] == ["popular", "sasrec", "causal", "hatllm", "iam"]
+    assert [c.kind for c in cells] == ["popular", "sasrec", "llm", "llm", "llm"]
+    assert cells[4].configs == (Path("configs/ml100k.yaml"), Path("configs/table2/ml100k/iam.yaml"))
+    assert cells[1].configs == (Path("configs/table2/ml100k/sasrec.yaml"),)  # stand-alone SASRec config
+    assert len(plan("ablation", list(rp.DATASETS))) == 10 * len(rp.DATASETS)
+    # every shipped cell file is a planned cell and vice versa
+    shipped = {
+        p.relative_to("configs").with_suffix("").as_posix()
+        for t in TABLES
+        for p in Path("configs", t).rglob("*.yaml")
+    }
+    assert shipped == {f"{c.table}/{c.dataset}/{c.method}" for c in CELLS}
+    with pytest.raises(FileNotFoundError, match="configs/table2/nope/popular.yaml"):
+        plan("table2", ["nope"])
+
+
+def test_cell_configs_state_their_schedule_and_carry_the_header(in_repo) -> None:
+    for cell in CELLS:
+        text = cell.config.read_text()
+        assert text.startswith(f"# {cell.config.as_posix()} — "), cell.config
+        assert "# Command" in text and "# Hardware/time:" in text and "# Measured: not yet run." in text
+        if cell.kind == "llm":
+            assert yaml.safe_load(text) == {"model": {"schedule": cell.method}}
+
+
+def test_profile_overrides_and_commands(in_repo, tmp_path: Path) -> None:
+    iam, sasrec = Cell("table2", "ml100k", "iam"), Cell("table2", "ml100k", "sasrec")
+    (fit, fit_argv), (test, test_argv) = stage_commands(iam, 1, tmp_path, PROFILES["cpu"])
+    assert (fit, test) == ("fit", "test")
+    assert fit_argv[:5] == [sys.executable, "-m", "iamrec.cli", "fit", "--config=configs/ml100k.yaml"]
+    for arg in ("--trainer.max_steps=120", "--data.max_train_samples=960", "--data.max_eval_samples=100"):
+        assert arg in fit_argv and arg in test_argv
+    assert "--seed_everything=1" in fit_argv
+    assert f"--trainer.default_root_dir={tmp_path}/ml100k/iam/seed1" in fit_argv
+    assert "--ckpt_path=last" not in fit_argv and test_argv[-1] == "--ckpt_path=last"
+    full_fit = stage_commands(iam, 0, tmp_path, PROFILES["full"])[0][1]
+    assert not any(a.startswith(("--trainer.max_steps", "--data.max")) for a in full_fit)
+    # resume: an interrupted fit continues from last.ckpt; SASRec tests its best-validation checkpoint
+    ckpts = tmp_path / "ml100k" / "sasrec" / "seed0" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").touch()
+    (ckpts / "best-epoch=7.ckpt").touch()
+    (fit_s, fit_argv), (_, test_argv) = stage_commands(sasrec, 0, tmp_path, PROFILES["cpu"])
+    assert fit_argv[2] == "iamrec.baselines.sasrec" and fit_argv[-1] == "--ckpt_path=last"
+    assert "--trainer.max_epochs=40" in fit_argv and "--trainer.max_steps=120" not in fit_argv
+    assert test_argv[-1] == f"--ckpt_path={ckpts / 'best-epoch=7.ckpt'}"
+    assert stage_commands(Cell("table2", "ml100k", "popular"), 0, tmp_path, PROFILES["cpu"]) == []
+    assert rp.display(fit_argv).startswith("python -m iamrec.baselines.sasrec fit --config=")
+
+
+def test_resolved_config_equals_the_cli(in_repo, capsys) -> None:
+    from iamrec.cli import main
+
+    cell = Cell("ablation", "toys", "stacked")
+    prof = PROFILES["cpu"]
+    ours = rp.resolved_config(cell, prof)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *[f"--config={c}" for c in cell.configs], *prof.llm, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    cli = yaml.safe_load(capsys.readouterr().out)
+    for section in ("model", "data"):
+        for key, value in ours[section].items():
+            assert cli[section][key] == value, f"{section}.{key}"
+    assert cli["model"]["schedule"] == "stacked" and cli["model"]["backbone"] == rp.CPU_BACKBONE
+
+
+# ------------------------------------------------------------------------------ running (faked)
+
+
+def _fake_stages(calls: list[list[str]]):
+    """Stand-in for the fit/test subprocesses: writes last.ckpt on fit and the test outputs on test."""
+
+    def run(argv, check=True):
+        calls.append(argv)
+        root = Path(next(a for a in argv if a.startswith("--trainer.default_root_dir=")).split("=", 1)[1])
+        if argv[3] == "fit":
+            (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (root / "checkpoints" / "last.ckpt").write_text("ckpt")
+            if argv[2] == "iamrec.baselines.sasrec":
+                (root / "checkpoints" / "best-epoch=3.ckpt").write_text("ckpt")
+        else:
+            out = root / "lightning_logs" / f"version_{len(list(root.glob('lightning_logs/*')))}"
+            out.mkdir(parents=True)
+            (out / "test_metrics.json").write_text(json.dumps({**METRICS, "users": 2}))
+            pd.DataFrame(
+                {"sample_index": [0, 1], "user_id": [0, 1], "target": [1, 2], "rank": [0, -1]}
+            ).to_parquet(out / "predictions.parquet")
+        return subprocess.CompletedProcess(argv, 0)
+
+    return run
+
+
+@pytest.fixture
+def workspace(processed_dir: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A working folder with the real configs and the fixture dataset as ml100k; toys is absent."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    (tmp_path / "data" / "processed").mkdir(parents=True)
+    (tmp_path / "data" / "processed" / "ml100k").symlink_to(processed_dir)
+    monkeypatch.setattr(rp, "backbone_available", lambda spec: True)
+    small = Profile(
+        "small", llm=("--data.max_eval_samples=5",), sasrec=("--data.max_eval_samples=5",), about="t"
+    )
+    monkeypatch.setitem(PROFILES, "small", small)
+    return tmp_path
+
+
+def test_run_skips_finished_and_resumes(workspace: Path, monkeypatch) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(rp.subprocess, "run", _fake_stages(calls))
+    root = workspace / "runs"
+    rp.reproduce("table2", ["ml100k"], [0, 1], "small", root=root, out=workspace / "results" / "table2")
+    assert len(calls) == 4 * 2 * 2  # sasrec, causal, hatllm, iam x 2 seeds x (fit, test); popular in-process
+    sasrec_test = [c for c in calls if c[2] == "iamrec.baselines.sasrec" and c[3] == "test"]
+    assert sasrec_test[0][-1].endswith(
+        "seed0/checkpoints/best-epoch=3.ckpt"
+    )  # written by the fit just before
+    for method in TABLES["table2"]:
+        for seed in (0, 1):
+            run_dir = root / "ml100k" / method / f"seed{seed}"
+            assert rp.is_done(run_dir) and (run_dir / "predictions.parquet").is_file()
+            assert json.loads((run_dir / "DONE").read_text())["profile"] == "small"
+    report = (workspace / "results" / "table2.md").read_text()
+    assert "## ml100k" in report and "| iam | 2 |" in report
+    assert (workspace / "results" / "table2.csv").is_file() and (
+        workspace / "results" / "table2.png"
+    ).is_file()
+
+    # an interruption: seed1 of iam lost its DONE after fit finished, seed0 of causal died mid-fit
+    (root / "ml100k" / "iam" / "seed1" / "DONE").unlink()
+    causal = root / "ml100k" / "causal" / "seed0"
+    (causal / "DONE").unlink()
+    (causal / "FIT_DONE").unlink()
+    calls.clear()
+    plan_text = rp.reproduce("table2", ["ml100k"], [0, 1], "small", root=root, dry_run=True)
+    assert "ml100k/iam seed0: done, skipped" in plan_text and "ml100k/iam seed1: resume" in plan_text
+    assert "fit (finished, skipped)" in plan_text and calls == []
+    rp.reproduce("table2", ["ml100k"], [0, 1], "small", root=root, out=workspace / "results" / "table2")
+    assert [c[3] for c in calls] == ["fit", "test", "test"]  # causal fit (resumed) + test, iam test only
+    assert calls[0][-1] == "--ckpt_path=last" and f"--trainer.default_root_dir={causal}" in calls[0]
+    assert f"--trainer.default_root_dir={root / 'ml100k' / 'iam' / 'seed1'}" in calls[2]
+    assert rp.is_done(causal) and rp.is_done(root / "ml100k" / "iam" / "seed1")
+    # the copied outputs are the newest test run's
+    assert (causal / "test_metrics.json").read_text() == (
+        causal / "lightning_logs/version_1/test_metrics.json"
+    ).read_text()
+    with pytest.raises(ValueError, match="another profile"):
+        rp.reproduce("table2", ["ml100k"], [0], "cpu", root=root, dry_run=True)
+
+
+def test_missing_dataset_is_listed_not_an_error(workspace: Path, monkeypatch) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(rp.subprocess, "run", _fake_stages(calls))
+    root = workspace / "runs"
+    plan_text = rp.reproduce("table2", ["ml100k", "toys"], [0], "small", root=root, dry_run=True)
+    assert "toys/iam: MISSING: no processed data (data/processed/toys/samples.parquet)" in plan_text
+    assert "python -m data_prep.amazon --reviews <reviews file>" in plan_text
+    assert not root.exists()  # a dry run writes nothing
+    report = rp.reproduce("table2", ["ml100k", "toys"], [0], "small", root=root, out=workspace / "r" / "t2")
+    assert (root / "toys" / "sasrec" / "MISSING").is_file()
+    assert "## Missing cells" in report and "| toys/popular | no processed data" in report
+    assert "--output data/processed/toys" in report and "## ml100k" in report
+    # an absent local backbone is missing too, with the command that fetches it
+    monkeypatch.setattr(rp, "backbone_available", lambda spec: False)
+    reason, command = rp.missing_inputs(Cell("table2", "ml100k", "iam"), PROFILES["cpu"])
+    assert "backbone .assets/models/SmolLM2-135M-Instruct" in reason and command == "make assets"
+    assert rp.missing_inputs(Cell("table2", "ml100k", "sasrec"), PROFILES["cpu"]) is None  # no backbone
+    # a missing backbone on a missing dataset lists both providers
+    reason, command = rp.missing_inputs(Cell("ablation", "toys", "iam"), PROFILES["full"])
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in reason and command.startswith("python -m data_prep.amazon")
+
+
+def test_popular_scores_exactly_the_llm_test_rows(workspace: Path) -> None:
+    from iamrec.data import IAMDataModule
+
+    cell = Cell("table2", "ml100k", "popular")
+    data_dir, rows = rp.popular_rows(cell, PROFILES["small"])
+    dm = IAMDataModule("data/processed/ml100k", tokenizer="tiny", max_eval_samples=5, seed=0)
+    dm.setup("test")
+    assert data_dir == "data/processed/ml100k" and len(rows) == 5
+    assert rows.tolist() == dm.datasets["test"].rows.tolist()
+
+
+# ------------------------------------------------------------------------- configs parse (real CLIs)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c.table}/{c.dataset}/{c.method}")
+def test_every_cell_config_parses_through_its_cli(cell: Cell, in_repo, capsys) -> None:
+    from iamrec.baselines.sasrec import main as sasrec_main
+    from iamrec.cli import main as iamrec_main
+
+    entry = sasrec_main if cell.kind == "sasrec" else iamrec_main
+    args = ["fit", *[f"--config={c}" for c in cell.configs]]
+    for profile in ("cpu", "full"):
+        with pytest.raises(SystemExit) as exit_info:
+            entry([*args, *cell.overrides(PROFILES[profile]), "--print_config"])
+        out = capsys.readouterr()
+        assert exit_info.value.code in (0, None), out.err[-2000:]
+        config = yaml.safe_load(out.out)
+        if cell.kind == "llm":
+            assert config["model"]["schedule"] == cell.method
+        assert config["data"]["data_dir"] == f"data/processed/{cell.dataset}"
+
+
+def test_documented_command_exits_zero(in_repo) -> None:
+    """The exact subprocess form of the header's command (one cell; the rest are checked in-process)."""
+    cmd = [sys.executable, "-m", "iamrec.cli", "fit", "--config", "configs/ml100k.yaml"]
+    cmd += ["--config", "configs/table2/ml100k/iam.yaml", "--print_config"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_sasrec_cli_fit_then_test_writes_the_run_files(processed_dir: Path, tmp_path: Path, in_repo) -> None:
+    """SASRec's own CLI: best checkpoint kept, test writes the files iamrec.results reads (same test rows)."""
+    from iamrec.baselines.sasrec import main
+
+    args = ["--config=configs/table2/ml100k/sasrec.yaml", f"--data.data_dir={processed_dir}"]
+    args += ["--trainer.max_epochs=2", "--trainer.accelerator=cpu", "--data.max_eval_samples=5"]
+    args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    main(["fit", *args])
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    main(["test", *args, f"--ckpt_path={best}"])
+    out = next(tmp_path.glob("lightning_logs/version_*/test_metrics.json")).parent
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    preds = pd.read_parquet(out / "predictions.parquet")
+    assert metrics["users"] == 5 and metrics["HR@10"] == pytest.approx(preds["rank"].between(0, 9).mean())
+    assert list(preds.columns) == ["sample_index", "user_id", "target", "rank", "top_items"]
+    from iamrec.data import IAMDataModule  # the same test rows the LLM cells and popular evaluate
+
+    dm = IAMDataModule(str(processed_dir), tokenizer="tiny", max_eval_samples=5, seed=0)
+    dm.setup("test")
+    assert preds["sample_index"].tolist() == dm.datasets["test"].rows.tolist()
