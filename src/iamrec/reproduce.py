@@ -41,20 +41,11 @@ from typing import Any
 
 import yaml
 
+from iamrec.attention.schedule import PRESETS
+
 TABLES: dict[str, tuple[str, ...]] = {
     "table2": ("popular", "sasrec", "causal", "hatllm", "iam"),
-    "ablation": (
-        "causal",
-        "iam",
-        "iam_inter_first",
-        "split",
-        "split_inter_first",
-        "stacked",
-        "stacked_inter_first",
-        "intra_only",
-        "inter_only",
-        "hatllm",
-    ),
+    "ablation": PRESETS,  # every layer schedule preset
 }
 DATASETS: tuple[str, ...] = ("ml100k", "toys", "sports", "beauty")
 CONFIG_ROOT = Path("configs")
@@ -77,7 +68,7 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         "cpu",
         llm=(
-            # the sizes of configs/demo.yaml: ~20 min per LLM cell x seed on a 2-core CPU
+            # twice the demo (configs/demo.yaml) in steps and batch: a CPU-only setting, not the paper's scale
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",
             "--trainer.precision=32-true",
@@ -103,7 +94,7 @@ PROFILES: dict[str, Profile] = {
             "--trainer.max_epochs=40",
             "--data.max_eval_samples=100",  # the LLM cells' test users (same rows, same data.seed)
         ),
-        about="2-core CPU: demo sizes (120 steps, 960 train samples, 100 test samples), SmolLM2-135M",
+        about="2-core CPU: 120 steps x batch 8 (960 train samples), 100 test samples, SmolLM2-135M",
     ),
     "full": Profile("full", llm=(), sasrec=(), about="paper scale on GPUs: the configs as written"),
 }

@@ -2,6 +2,7 @@
 
 trie.py   TitleTrie: answers (title tokens + EOS) as CSR tensors; vectorised allowed-token masks
 beam.py   constrained_beam_search (fast path) and reference_beam_search (HF generate), equal beams
+shared_prompt.py   the fast path's decode cache: prompt keys/values once per prompt, answers per beam
 """
 
 from iamrec.decoding.beam import (

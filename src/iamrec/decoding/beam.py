@@ -12,9 +12,13 @@ What the fast path does differently (only cost, never the result):
 
 * **one prefill per prompt**: HF copies every prompt ``K`` times *before* the prefill, so it encodes
   each prompt ``K`` times; here the ``B`` prompts are encoded once (``logits_to_keep=1``: the LM head
-  runs on the last position only) and the KV cache is then copied to the beams
+  runs on the last position only);
+* **one copy of the prompt's keys/values per prompt** (`shared_prompt` module): the ``K`` beams of a
+  prompt share its prompt cache, only the answer tokens' keys/values are kept (and reordered) per beam,
+  and a decode-step attention function scores both blocks with one softmax. With
+  ``shared_prompt=False`` the prompt cache is copied to the beams instead
   (``cache.batch_repeat_interleave(K)``, every cache layer including the extra slots of stacked
-  schedules);
+  schedules) and the model's own attention runs; both are tested against HF;
 * **a vectorised trie mask**: ``TitleTrie.allowed_mask`` for all ``R`` beams at once instead of a
   Python call per beam (``prefix_allowed_tokens_fn``) that walks a dict;
 * **settled prompts leave the batch**: a prompt whose ``K`` result slots hold real finished answers and
@@ -45,6 +49,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from iamrec.decoding.shared_prompt import SharedPrompt, SharedPromptCache, decode_attention, item_state
 from iamrec.decoding.trie import TitleTrie
 
 EarlyStopping = bool | Literal["never"]
@@ -120,7 +125,7 @@ def _forward(model, cache, **kwargs):
         kwargs.pop("segment_ids", None)
     out = model(cache=cache, use_cache=True, logits_to_keep=1, return_dict=True, **kwargs)
     cache = getattr(out, "cache", None) or out.past_key_values
-    return out.logits[:, -1, :].to(copy=True, dtype=torch.float32), cache
+    return out.logits[:, -1, :].float(), cache  # a view of the model's output; log_softmax copies it
 
 
 @torch.no_grad()
@@ -135,6 +140,7 @@ def constrained_beam_search(
     length_penalty: float = 0.0,
     early_stopping: EarlyStopping = True,
     drop_settled: bool = True,
+    shared_prompt: bool = True,
 ) -> BeamResult:
     """Beam search over the catalogue answers in `trie`, equal to `reference_beam_search` (HF generate).
 
@@ -149,6 +155,8 @@ def constrained_beam_search(
         length_penalty: HF's; scores are divided by ``length ** length_penalty``.
         early_stopping: HF's (True: a prompt stops once it has ``num_beams`` finished answers).
         drop_settled: drop prompts whose results can no longer change from the batch (speed only).
+        shared_prompt: keep the prompt's keys/values once per prompt (`shared_prompt` module; speed
+            only); False copies them to every beam (the stock cache layout).
     """
     _check(model, trie, num_beams, early_stopping)
     device = input_ids.device
@@ -163,14 +171,19 @@ def constrained_beam_search(
     # HF drops an all-ones mask (no padding) before the prefill; do the same so the kernels match.
     mask = None if bool((attention_mask == 1).all()) else attention_mask
 
-    # 1. encode each prompt once, then give every beam its own copy of the prompt's cache
+    # 1. encode each prompt once; its cache is then shared by its beams (or copied to each beam)
     logits, cache = _forward(
         model, None, input_ids=input_ids, attention_mask=mask, position_ids=positions, segment_ids=segment_ids
     )
     logits = logits.repeat_interleave(K, 0)  # (B*K, V)
-    cache.batch_repeat_interleave(K)
-    rows_mask = mask.repeat_interleave(K, 0) if mask is not None else None  # (R, L)
-    rows_seg = segment_ids.repeat_interleave(K, 0) if segment_ids is not None else None  # (R, L)
+    if shared_prompt:
+        cache = SharedPromptCache(cache)
+        slot_kind, context_visible = item_state(model)
+        rows_mask, rows_seg = mask, segment_ids  # (B', L): per prompt, for the attention bias
+    else:
+        cache.batch_repeat_interleave(K)
+        rows_mask = mask.repeat_interleave(K, 0) if mask is not None else None  # (R, L)
+        rows_seg = segment_ids.repeat_interleave(K, 0) if segment_ids is not None else None  # (R, L)
     rows_pos = positions[:, -1:].repeat_interleave(K, 0) + 1  # (R, 1) position of the first answer token
 
     # 2. search state (mirrors _beam_search's tensors, minus the prompt columns)
@@ -194,7 +207,7 @@ def constrained_beam_search(
         log_probs = nn.functional.log_softmax(logits, dim=-1)  # (R, V)
         allowed = trie.allowed_mask(nodes.view(-1))  # (R, V)
         allowed[~allowed.any(-1), eos] = True  # complete / off-trie beams may only repeat EOS
-        log_probs = log_probs.masked_fill(~allowed, float("-inf"))
+        log_probs.masked_fill_(~allowed, float("-inf"))  # log_probs is log_softmax's fresh tensor
         unsatisfiable = log_probs.amax(-1).isneginf().view(b, K).all(-1)  # (B',)
         if unsatisfiable.any():  # HF then forces the allowed tokens with score 0
             forced = torch.zeros_like(log_probs).masked_fill(~allowed, float("-inf"))
@@ -260,27 +273,32 @@ def constrained_beam_search(
             )
             fin_tokens, fin_scores, fin_done = fin_tokens[stay], fin_scores[stay], fin_done[stay]
             improvable, parent = improvable[stay], parent[stay]
+            kept = stay.nonzero().view(-1)
             rows = stay.repeat_interleave(K)
-            rows_mask = rows_mask[rows] if rows_mask is not None else None
-            rows_seg = rows_seg[rows] if rows_seg is not None else None
+            sel = kept if shared_prompt else rows  # rows_mask / rows_seg are per prompt or per beam
+            rows_mask = rows_mask[sel] if rows_mask is not None else None
+            rows_seg = rows_seg[sel] if rows_seg is not None else None
             rows_pos = rows_pos[rows]
-            b_offset = stay.nonzero().view(-1, 1) * K  # old row offsets of the prompts that stay
+            b_offset = kept.view(-1, 1) * K  # old row offsets of the prompts that stay
         else:
+            kept = None
             b_offset = torch.arange(b, device=device).view(-1, 1) * K
 
         # g. reorder (and shrink) the cache to the surviving beams, then run one token per beam
-        cache.reorder_cache((b_offset + parent).view(-1))
-        step_mask = None
-        if rows_mask is not None:
-            step_mask = torch.cat([rows_mask, rows_mask.new_ones(rows_mask.shape[0], t + 1)], dim=1)
-        logits, cache = _forward(
-            model,
-            cache,
-            input_ids=run_tokens[:, :, t].reshape(-1, 1),
-            attention_mask=step_mask,
-            position_ids=rows_pos + t,
-            segment_ids=rows_seg,
-        )
+        beam_rows = (b_offset + parent).view(-1)
+        step = dict(input_ids=run_tokens[:, :, t].reshape(-1, 1), position_ids=rows_pos + t)
+        if shared_prompt:
+            cache.select(kept, beam_rows)
+            prompt = SharedPrompt(cache, K, rows_mask, rows_seg, slot_kind, context_visible, t + 1)
+            # segment_ids only switch the stacked passes on; the kinds' masks come from `prompt`
+            with decode_attention(model):
+                logits, cache = _forward(model, cache, segment_ids=rows_seg, iam_prompt=prompt, **step)
+        else:
+            cache.reorder_cache(beam_rows)
+            step_mask = None
+            if rows_mask is not None:
+                step_mask = torch.cat([rows_mask, rows_mask.new_ones(rows_mask.shape[0], t + 1)], dim=1)
+            logits, cache = _forward(model, cache, attention_mask=step_mask, segment_ids=rows_seg, **step)
         steps += 1
     return _result(trie, out_tokens, out_scores, steps)
 
