@@ -100,6 +100,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--skip-reference", action="store_true", help="time the fast path only")
+    parser.add_argument(
+        "--per-beam",
+        action="store_true",
+        help="also time the fast path with the prompt cache copied per beam",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the fast path on one batch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,7 +133,7 @@ def main() -> None:
         f"{args.beams} beams, batch {args.batch}"
     )
 
-    fast_s = ref_s = 0.0
+    fast_s = ref_s = per_beam_s = 0.0
     identical, steps, hits = True, [], 0
     for i, (ids, mask, seg) in enumerate(batches):
         t = time.perf_counter()
@@ -138,6 +143,13 @@ def main() -> None:
         targets = [target for _, target in samples[i * args.batch : (i + 1) * args.batch]]
         hits += sum(target in sum(items, []) for target, items in zip(targets, fast.items))
         line = f"batch {i}: fast {time.perf_counter() - t:6.1f}s ({fast.steps} steps)"
+        if args.per_beam:
+            t = time.perf_counter()
+            per_beam = constrained_beam_search(model, ids, mask, seg, trie, args.beams, shared_prompt=False)
+            per_beam_s += time.perf_counter() - t
+            line += (
+                f" | per-beam cache {time.perf_counter() - t:6.1f}s, same beams: {same_beams(fast, per_beam)}"
+            )
         if not args.skip_reference:
             t = time.perf_counter()
             ref = reference_beam_search(model, ids, mask, seg, trie, args.beams, table=table)
@@ -149,6 +161,10 @@ def main() -> None:
 
     n = len(prompts)
     print(f"fast path:  {n / fast_s:.3f} users/s  ({fast_s:.1f}s for {n} users, steps per batch {steps})")
+    if args.per_beam:
+        print(
+            f"per-beam:   {n / per_beam_s:.3f} users/s  ({per_beam_s:.1f}s)  [prompt cache copied to every beam]"
+        )
     if not args.skip_reference:
         print(
             f"reference:  {n / ref_s:.3f} users/s  ({ref_s:.1f}s)  [HF generate + prefix_allowed_tokens_fn]"
