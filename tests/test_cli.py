@@ -74,7 +74,7 @@ def test_killed_fit_resumes_from_last_and_finishes_the_same_steps(processed_dir,
     args = [
         *_tiny(processed_dir, tmp_path),
         "--trainer.max_steps=40",
-        "--trainer.val_check_interval=40",
+        "--trainer.val_check_interval=12",
         "--checkpoint.every_n_train_steps=2",
     ]
     proc = subprocess.Popen(IAMREC + ["fit", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -97,6 +97,7 @@ def test_bf16_mixed_with_bf16_base_and_fp32_adapters(processed_dir, tmp_path):
         "--model.model_dtype=bfloat16",
         "--model.lora=true",
         "--trainer.max_steps=2",
+        "--model.warmup_steps=1",
     ]
     res = run(["fit", *_tiny(processed_dir, tmp_path, *extra)])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -167,6 +168,7 @@ def test_fsdp_full_finetuning_on_gpu(processed_dir, tmp_path):
         "--model.lora=false",
         "--trainer.precision=bf16-mixed",
         "--trainer.max_steps=2",
+        "--model.warmup_steps=1",
     ]
     res = run(["fit", *_tiny(processed_dir, tmp_path, *extra)])
     assert res.returncode == 0, res.stderr[-3000:]
