@@ -54,7 +54,9 @@ def step_time(model, ids, mask, seg, steps: int, warmup: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=".assets/models/SmolLM2-135M-Instruct")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
@@ -70,13 +72,17 @@ def main() -> None:
 
     base = load_backbone(args.model)
     ids, mask, seg = synthetic_batch(args.batch, args.length, base.config.vocab_size, device=args.device)
-    print(f"model={args.model} device={args.device} batch={args.batch} length={args.length} "
-          f"layers={base.config.num_hidden_layers} torch={torch.__version__}")
+    print(
+        f"model={args.model} device={args.device} batch={args.batch} length={args.length} "
+        f"layers={base.config.num_hidden_layers} torch={torch.__version__}"
+    )
     results = {}
     for backend in args.backends:
         for schedule in args.schedules:
             model = copy.deepcopy(base).to(args.device).train()
-            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+            model = get_peft_model(
+                model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+            )
             apply_item_attention(model, schedule, backend=backend)
             results[(backend, schedule)] = step_time(model, ids, mask, seg, args.steps, args.warmup)
             del model
