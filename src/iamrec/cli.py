@@ -10,25 +10,17 @@ from __future__ import annotations
 import os
 import sys
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from iamrec.data import IAMDataModule
 from iamrec.lit_module import IAMRecModule
-
-
-def _checkpoint_dir(root: str | None) -> str:
-    return os.path.join(root or ".", "checkpoints")
+from iamrec.run_layout import add_run_checkpoint
 
 
 class IAMRecCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.backbone", "data.tokenizer")
-        # One checkpoint folder per run root, with last.ckpt, so `--ckpt_path last` works from a new
-        # process (resume after interruption, `iamrec test` after `iamrec fit`).
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
-        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        add_run_checkpoint(parser, save_top_k=0)  # <root>/checkpoints/last.ckpt: `--ckpt_path last`
 
     def after_test(self) -> None:
         """Print the most-popular baseline on the same test samples beside the model."""

@@ -257,7 +257,7 @@ def apply_item_attention(
         raise ValueError(f"backend='{backend}' is not one of {', '.join(_STOCK_NAME)}.")
     register_backends()
     hf = _hf_model(model)
-    _, layers = _decoder_layers(hf)
+    decoder, layers = _decoder_layers(hf)
     num_layers = len(layers)
     resolved = resolve_schedule(schedule, num_layers, split_at, hatllm_bands, key=config_key)
     old = getattr(hf, "_iam_state", None)
@@ -274,8 +274,6 @@ def apply_item_attention(
             state.slot_kind[i + p * num_layers] = kind
         if len(kinds) > 1:
             state.handles += _stacked_hooks(layers[i], kinds, i, num_layers)
-
-    decoder, _ = _decoder_layers(hf)
 
     def to_context(module, args, kwargs):
         segment_ids = kwargs.pop("segment_ids", None)

@@ -42,7 +42,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
@@ -50,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from iamrec.baselines.popular import read_num_items, read_samples
 from iamrec.metrics import DEFAULT_KS, RankingMetrics
+from iamrec.run_layout import add_run_checkpoint
 
 # --------------------------------------------------------------------------------------------- data
 
@@ -460,10 +460,6 @@ class SASRec(L.LightningModule):
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _checkpoint_dir(root: str | None) -> str:
-    return os.path.join(root or ".", "checkpoints")
-
-
 class SASRecCLI(LightningCLI):
     """``python -m iamrec.baselines.sasrec``: SASRec + SASRecDataModule, with iamrec's run-folder layout."""
 
@@ -471,17 +467,7 @@ class SASRecCLI(LightningCLI):
         parser.link_arguments("data.max_len", "model.max_len")
         # As in `iamrec`: <default_root_dir>/checkpoints/last.ckpt (resume, test from a new process), plus
         # the best epoch by validation NDCG@10 as best-*.ckpt (what the table evaluates).
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.save_last": True,
-                "checkpoint.save_top_k": 1,
-                "checkpoint.monitor": "val/NDCG@10",
-                "checkpoint.mode": "max",
-                "checkpoint.filename": "best-{epoch}",
-            }
-        )
-        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        add_run_checkpoint(parser, save_top_k=1, monitor="val/NDCG@10", mode="max", filename="best-{epoch}")
 
     def after_test(self) -> None:
         """Write ``test_metrics.json`` and ``predictions.parquet`` (all processes' rows) to the log dir."""
