@@ -64,7 +64,7 @@ def test_profile_overrides_and_commands(in_repo, tmp_path: Path) -> None:
     (fit, fit_argv), (test, test_argv) = stage_commands(iam, 1, tmp_path, PROFILES["cpu"])
     assert (fit, test) == ("fit", "test")
     assert fit_argv[:5] == [sys.executable, "-m", "iamrec.cli", "fit", "--config=configs/ml100k.yaml"]
-    for arg in ("--trainer.max_steps=120", "--data.max_train_samples=960", "--data.max_eval_samples=100"):
+    for arg in ("--trainer.max_steps=64", "--data.max_train_samples=512", "--data.max_eval_samples=80"):
         assert arg in fit_argv and arg in test_argv
     assert "--seed_everything=1" in fit_argv
     assert f"--trainer.default_root_dir={tmp_path}/ml100k/iam/seed1" in fit_argv
