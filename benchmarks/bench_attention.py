@@ -66,14 +66,23 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["sdpa"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--dtype", default="float32", help="base weights: float32 | bfloat16 (LoRA stays fp32)"
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the model from --model's config.json with random weights (same shapes, same cost)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from peft import LoraConfig, get_peft_model
 
-    base = load_backbone(args.model)
+    base = load_backbone(args.model, dtype=args.dtype, random_weights=args.random_weights)
     ids, mask, seg = synthetic_batch(args.batch, args.length, base.config.vocab_size, device=args.device)
     print(
-        f"model={args.model} device={args.device} batch={args.batch} length={args.length} "
+        f"model={args.model}{' (random weights)' if args.random_weights else ''} dtype={args.dtype} "
+        f"device={args.device} batch={args.batch} length={args.length} "
         f"layers={base.config.num_hidden_layers} torch={torch.__version__}"
     )
     results = {}

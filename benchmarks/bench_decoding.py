@@ -106,12 +106,19 @@ def main() -> None:
         help="also time the fast path with the prompt cache copied per beam",
     )
     parser.add_argument("--profile", action="store_true", help="cProfile the fast path on one batch")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the model from --model's config.json with random weights (timing only; beams still compared)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     tokenizer = load_tokenizer(args.model)
-    model = apply_item_attention(load_backbone(args.model, dtype=args.dtype).eval(), args.schedule)
+    backbone = load_backbone(args.model, dtype=args.dtype, random_weights=args.random_weights)
+    model = apply_item_attention(backbone.to(args.device).eval(), args.schedule)
     titles, samples = load_catalogue(args.items, args.users)
     encoder = PromptEncoder(tokenizer, PromptTemplate(), titles, max_items=10)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -122,11 +129,12 @@ def main() -> None:
     encoded = [encoder.encode(h, target) for h, target in samples]
     prompts = [(e.input_ids[: e.prompt_length], e.segment_ids[: e.prompt_length]) for e in encoded]
     batches = [
-        left_pad(prompts[i : i + args.batch], tokenizer.pad_token_id)
+        tuple(t.to(args.device) for t in left_pad(prompts[i : i + args.batch], tokenizer.pad_token_id))
         for i in range(0, len(prompts), args.batch)
     ]
     print(
-        f"model {args.model} ({args.dtype}, schedule {args.schedule}), {args.threads} threads | "
+        f"model {args.model} ({args.dtype}{', random weights' if args.random_weights else ''}, "
+        f"schedule {args.schedule}, {args.device}), {args.threads} threads | "
         f"{len(titles)} items, trie {trie.num_nodes} nodes, longest answer {trie.max_depth} tokens "
         f"(built in {build:.2f}s) | {len(prompts)} users, prompts "
         f"{min(len(p) for p, _ in prompts)}-{max(len(p) for p, _ in prompts)} tokens, "

@@ -173,6 +173,23 @@ def test_fast_beam_search_equals_hf_generate(model, trie, num_beams):
         assert torch.all(fast.scores[i, :-1] >= fast.scores[i, 1:])  # best first
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("schedule", ["iam", "causal"])
+def test_fast_beam_search_equals_hf_generate_on_gpu(schedule):
+    torch.manual_seed(0)
+    m = load_backbone("tiny").eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(5.0)
+    model = apply_item_attention(m.cuda(), schedule)
+    gpu_trie = TitleTrie.from_sequences(_catalogue(), 600).to(
+        "cuda"
+    )  # its own trie: the fixture stays on CPU
+    ids, mask, seg = (t.cuda() for t in _prompts())
+    fast = constrained_beam_search(model, ids, mask, seg, gpu_trie, 6)
+    _assert_same(fast, reference_beam_search(model, ids, mask, seg, gpu_trie, 6))
+
+
 def test_duplicate_titles_return_all_their_items(model, trie):
     ids, mask, seg = _prompts(seed=1)
     fast = constrained_beam_search(model, ids, mask, seg, trie, 8)

@@ -42,6 +42,8 @@ both paths. Such beams are filler HF keeps when fewer than ``K`` live candidates
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Literal
 
@@ -119,11 +121,23 @@ def _prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return position_ids.masked_fill(attention_mask == 0, 0)
 
 
+def _cache_keyword(model: nn.Module) -> str:
+    """The cache argument's name: ``cache`` from transformers 5.2x on, ``past_key_values`` before (5.17)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: (*args, **kwargs)
+    return _cache_keyword_of(type(base))
+
+
+@functools.cache
+def _cache_keyword_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
 def _forward(model, cache, **kwargs):
     """One model call; returns float32 last-position logits ``(R, V)`` and the cache."""
     if kwargs.get("segment_ids") is None:
         kwargs.pop("segment_ids", None)
-    out = model(cache=cache, use_cache=True, logits_to_keep=1, return_dict=True, **kwargs)
+    kwargs[_cache_keyword(model)] = cache
+    out = model(use_cache=True, logits_to_keep=1, return_dict=True, **kwargs)
     cache = getattr(out, "cache", None) or out.past_key_values
     return out.logits[:, -1, :].float(), cache  # a view of the model's output; log_softmax copies it
 

@@ -16,7 +16,13 @@ import socket
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from iamrec.model.tiny import build_tiny_tokenizer, tiny_config
 
@@ -94,8 +100,14 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_backbone(spec: str, dtype: str = "float32", attn_implementation: str = "sdpa") -> PreTrainedModel:
-    """Load a causal LM from a model spec (see module docstring) in `dtype`."""
+def load_backbone(
+    spec: str, dtype: str = "float32", attn_implementation: str = "sdpa", random_weights: bool = False
+) -> PreTrainedModel:
+    """Load a causal LM from a model spec (see module docstring) in `dtype`.
+
+    `random_weights=True` builds the architecture from the spec's ``config.json`` with fresh random
+    weights (the folder needs no weight files): for timing on machines the weights cannot reach.
+    """
     if dtype not in _DTYPES:
         raise BackboneError(f"model dtype '{dtype}' is not one of {sorted(_DTYPES)}.")
     torch_dtype = _DTYPES[dtype]
@@ -108,6 +120,10 @@ def load_backbone(spec: str, dtype: str = "float32", attn_implementation: str = 
             f"Backbone '{spec}' is neither a local folder nor a hub id; check the path "
             "(run `make assets` for .assets/models/SmolLM2-135M-Instruct)."
         )
+    if random_weights:
+        config = _from_pretrained(AutoConfig, spec, "backbone config")
+        config._attn_implementation = attn_implementation
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     return _from_pretrained(
         AutoModelForCausalLM, spec, "backbone", dtype=torch_dtype, attn_implementation=attn_implementation
     )
