@@ -78,7 +78,7 @@ def test_profile_overrides_and_commands(in_repo, tmp_path: Path) -> None:
     (ckpts / "best-epoch=7.ckpt").touch()
     (fit_s, fit_argv), (_, test_argv) = stage_commands(sasrec, 0, tmp_path, PROFILES["cpu"])
     assert fit_argv[2] == "iamrec.baselines.sasrec" and fit_argv[-1] == "--ckpt_path=last"
-    assert "--trainer.max_epochs=40" in fit_argv and "--trainer.max_steps=120" not in fit_argv
+    assert "--trainer.max_epochs=30" in fit_argv and "--trainer.max_steps=64" not in fit_argv
     assert test_argv[-1] == f"--ckpt_path={ckpts / 'best-epoch=7.ckpt'}"
     assert stage_commands(Cell("table2", "ml100k", "popular"), 0, tmp_path, PROFILES["cpu"]) == []
     assert rp.display(fit_argv).startswith("python -m iamrec.baselines.sasrec fit --config=")

@@ -130,9 +130,25 @@ def test_datamodule_batches(cyclic_data: Path) -> None:
     dm.setup("fit")
     assert [len(dm.datasets[s]) for s in ("train", "valid", "test")] == [780, 60, 60]
     batch = next(iter(dm.val_dataloader()))
-    assert batch["history"].shape == (8, 12) and batch["target"].shape == (8,)
-    # User 0, valid sample: history = items 4..13 (10 of them) right-aligned after 2 pads, target 14.
-    assert batch["history"][0].tolist() == [30, 30, *range(4, 14)] and int(batch["target"][0]) == 14
+    # Every valid history here holds 10 items, so the 2 all-pad columns of the 12 are dropped.
+    assert batch["history"].shape == (8, 10) and batch["target"].shape == (8,)
+    # User 0, valid sample: history = items 4..13 (10 of them), target 14.
+    assert batch["history"][0].tolist() == [*range(4, 14)] and int(batch["target"][0]) == 14
+    assert dm.datasets["valid"].history[0].tolist() == [30, 30, *range(4, 14)]  # stored left-padded
+
+
+def test_batches_drop_all_pad_columns_without_changing_scores(cyclic_data: Path) -> None:
+    dm = SASRecDataModule(str(cyclic_data), max_len=40, batch_size=8)
+    dm.setup("fit")
+    data = dm.datasets["valid"]
+    batch = data.__getitems__(list(range(8)))
+    full = data.history[:8]  # (8, 40) as stored
+    width = batch["history"].shape[1]
+    assert width < 40 and (full[:, : 40 - width] == NUM_ITEMS).all()  # only all-pad columns dropped
+    assert (batch["history"] != NUM_ITEMS).any(dim=0)[0]  # the first kept column holds an item
+    torch.manual_seed(0)
+    model = SASRec(num_items=NUM_ITEMS, hidden_size=16, num_heads=2, max_len=40).eval()
+    assert torch.allclose(model(batch["history"]), model(full), atol=1e-5)
 
 
 def test_shapes_and_exclude_history() -> None:

@@ -74,6 +74,7 @@ class PaddedSamples(Dataset):
     def __init__(
         self, samples: pd.DataFrame, max_len: int, pad_id: int, sample_index: np.ndarray | None = None
     ) -> None:
+        self.pad_id = pad_id
         rows = np.arange(len(samples)) if sample_index is None else np.asarray(sample_index, dtype=np.int64)
         self.sample_index = torch.from_numpy(rows.astype(np.int64))  # (N,)
         self.user_id = torch.tensor(samples["user_id"].to_numpy(np.int64))  # (N,)
@@ -89,10 +90,16 @@ class PaddedSamples(Dataset):
     def __getitems__(self, idx: list[int]) -> dict[str, Tensor]:
         # Batched indexing: one gather per tensor instead of a Python collate over B dicts.
         idx_t = torch.as_tensor(idx)
+        history = self.history[idx_t]  # (B, L)
+        # Drop the leading columns that are padding in every row (d3 histories hold <= 10 of the 50
+        # positions): the model's output is unchanged, since positions count back from the most recent item
+        # and pads are masked, and a batch of short histories costs a fifth.
+        real = (history != self.pad_id).any(dim=0)  # (L,)
+        first = int(real.int().argmax()) if bool(real.any()) else history.shape[1] - 1
         return {
             "sample_index": self.sample_index[idx_t],
             "user_id": self.user_id[idx_t],
-            "history": self.history[idx_t],
+            "history": history[:, first:],
             "target": self.target[idx_t],
         }
 
@@ -119,6 +126,9 @@ class SASRecDataModule(L.LightningDataModule):
             exactly as ``IAMDataModule`` chooses it (same rows for the same ``seed``), so SASRec is scored
             on the same users as the LLM cells (None: all).
         seed: seeds the evaluation subset (the training shuffle follows ``seed_everything``).
+        full_validation: validate (and early-stop) on the whole valid split even when
+            ``max_eval_samples`` subsets the test split; validation is cheap for SASRec and a few dozen
+            users make a noisy stopping signal.
     """
 
     def __init__(
@@ -130,6 +140,7 @@ class SASRecDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         max_eval_samples: int | None = None,
         seed: int = 0,
+        full_validation: bool = False,
     ) -> None:
         super().__init__()
         if max_len < 1 or batch_size < 1 or num_workers < 0:
@@ -142,6 +153,7 @@ class SASRecDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.eval_batch_size = eval_batch_size or batch_size
         self.max_eval_samples, self.seed = max_eval_samples, seed
+        self.full_validation = full_validation
         self._num_items: int | None = None
         self.datasets: dict[str, PaddedSamples] = {}
 
@@ -161,7 +173,7 @@ class SASRecDataModule(L.LightningDataModule):
         samples = read_samples(self.data_dir)  # file order: row r is sample_index r
         for split in ("train", "valid", "test"):
             rows = np.flatnonzero(samples["split"].to_numpy() == split)
-            if split != "train":
+            if split == "test" or (split == "valid" and not self.full_validation):
                 rows = subset_rows(rows, self.max_eval_samples, self.seed + _EVAL_SEED_OFFSET[split])
             part = samples.iloc[rows].reset_index(drop=True)
             self.datasets[split] = PaddedSamples(part, self.max_len, self.num_items, sample_index=rows)
