@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -123,6 +124,19 @@ def test_ddp_two_processes_equal_one_process(processed_dir, tmp_path):
     assert metrics[1]["users"] == metrics[2]["users"] == 11
     for key in ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@10", "NDCG@20"):
         assert metrics[1][key] == pytest.approx(metrics[2][key], abs=1e-6)
+    # Validation with decoding: 11 samples over 2 ranks repeat one; it must count once, as in test.
+    val = {}
+    for devices in (1, 2):
+        extra = [f"--trainer.devices={devices}", "--data.max_eval_samples=11", "--model.val_generate=true"]
+        extra.append("--trainer.limit_val_batches=1.0")  # all 11 (tiny.yaml caps validation batches per rank)
+        if devices == 2:
+            extra.append("--trainer.strategy=ddp")
+        res = run(
+            ["validate", *_tiny(processed_dir, tmp_path / f"val{devices}", *extra), f"--ckpt_path={ckpt}"]
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        val[devices] = dict(re.findall(r"val/((?:HR|NDCG)@\d+)\s*\S\s*([-0-9.e]+)", res.stdout))
+    assert len(val[1]) == 8 and val[1] == val[2]
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,30 @@ from iamrec.data import IAMDataModule
 from iamrec.lit_module import IAMRecModule
 from iamrec.run_layout import add_run_checkpoint
 
+# Knobs that change only how a trained model is evaluated: with `--ckpt_path FILE` the command line (or
+# config) wins over the checkpoint's saved hyper-parameters, which Lightning otherwise applies on top.
+EVALUATION_KNOBS = ("num_beams", "ks", "val_generate")
+
 
 class IAMRecCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's checkpoint hyper-parameters, except the evaluation knobs; say what the checkpoint overrode."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return super()._parse_ckpt_path()
+        before = self.config[sub]["model"].clone()
+        super()._parse_ckpt_path()
+        model = self.config[sub]["model"]
+        for key in EVALUATION_KNOBS:
+            model[key] = before[key]
+        for key, value in vars(model).items():
+            if key in before and before[key] != value:
+                print(
+                    f"iamrec: model.{key} = {value!r} from the checkpoint (the config said {before[key]!r}); "
+                    "the checkpoint's weights were trained with it.",
+                    file=sys.stderr,
+                )
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.backbone", "data.tokenizer")
         add_run_checkpoint(parser, save_top_k=0)  # <root>/checkpoints/last.ckpt: `--ckpt_path last`

@@ -22,8 +22,12 @@ import torch.nn.functional as F
 
 from iamrec.attention import apply_item_attention, describe
 from iamrec.data import IGNORE_INDEX
-from iamrec.metrics import InvalidOutputRate, RankingMetrics, rank_of_target
+from iamrec.metrics import RankingMetrics, rank_of_target
 from iamrec.model.loading import load_backbone
+
+# predictions.parquet: one row per test sample; top_items = the smallest item id each beam's title names
+# (-1: a title outside the catalogue, impossible with the trie), invalid_beams = such beams of this sample.
+_PREDICTION_COLUMNS = ["sample_index", "user_id", "target", "rank", "top_items", "invalid_beams"]
 
 
 class IAMRecModule(L.LightningModule):
@@ -101,8 +105,6 @@ class IAMRecModule(L.LightningModule):
             gradient_checkpointing,
         )
         self.ks = tuple(ks)
-        self.val_metrics = RankingMetrics(self.ks)
-        self.invalid = InvalidOutputRate()
         self._trie = None
         self._predictions: list[dict[str, Any]] = []
 
@@ -132,14 +134,21 @@ class IAMRecModule(L.LightningModule):
         loss = self.target_loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         if self.hparams.val_generate:
-            ranks, _, _ = self._rank(batch)
-            self.val_metrics.update(ranks)
+            ranks, _ = self._rank(batch)
+            self._val_rows += [
+                {"sample_index": int(i), "rank": int(r)} for i, r in zip(batch["sample_index"], ranks)
+            ]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows: list[dict[str, int]] = []
 
     def on_validation_epoch_end(self) -> None:
         if self.hparams.val_generate:
-            values = self.val_metrics.compute()
+            # Like test: every rank gathers all rows and counts each sample once (the distributed
+            # sampler repeats a few), so every rank logs the same values without a further sync.
+            ranks = self._gather(self._val_rows, ["sample_index", "rank"])["rank"]
+            values = self._ranking(ranks)
             self.log_dict({f"val/{k}": float(v) for k, v in values.items() if k != "users"})
-            self.val_metrics.reset()
 
     # ------------------------------------------------------------------ constrained decoding
     def _trie_for(self, datamodule):
@@ -165,12 +174,10 @@ class IAMRecModule(L.LightningModule):
         )
         beams = result.items  # per prompt: per beam, the item ids its title names
         ranks = rank_of_target(beams, batch["target"], max_k=max(self.ks)).to(self.device)
-        invalid = sum(1 for user in beams for items in user if len(items) == 0)
-        return ranks, beams, invalid
+        return ranks, beams
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        ranks, beams, invalid = self._rank(batch)
-        self.invalid.update(invalid, sum(len(user) for user in beams))
+        ranks, beams = self._rank(batch)
         for i, user_beams in enumerate(beams):
             self._predictions.append(
                 {
@@ -179,6 +186,7 @@ class IAMRecModule(L.LightningModule):
                     "target": int(batch["target"][i]),
                     "rank": int(ranks[i]),
                     "top_items": [sorted(items)[0] if items else -1 for items in user_beams][: max(self.ks)],
+                    "invalid_beams": sum(1 for items in user_beams if not items),
                 }
             )
 
@@ -188,13 +196,10 @@ class IAMRecModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         # Metrics from the gathered, de-duplicated predictions of all ranks: the distributed sampler
         # repeats a few samples so every rank gets an equal share, and those must count once.
-        predictions = self._gather_predictions()
-        metric = RankingMetrics(self.ks, sync_on_compute=False)  # every rank holds all predictions
-        metric.update(torch.tensor(predictions["rank"].tolist(), dtype=torch.long))
-        values: dict[str, Any] = {
-            k: float(v) if k != "users" else int(v) for k, v in metric.compute().items()
-        }
-        values["invalid_rate"] = float(self.invalid.compute())
+        predictions = self._gather(self._predictions, _PREDICTION_COLUMNS)
+        values: dict[str, Any] = self._ranking(predictions["rank"])
+        beams = len(predictions) * self.hparams.num_beams
+        values["invalid_rate"] = float(predictions["invalid_beams"].sum() / beams) if beams else 0.0
         values["schedule"] = describe(self.hf_model._iam_state.schedule)
         self.log_dict(
             {f"test/{k}": v for k, v in values.items() if isinstance(v, float)}, rank_zero_only=True
@@ -202,18 +207,22 @@ class IAMRecModule(L.LightningModule):
         log_dir = Path(self.trainer.log_dir or ".")  # a collective (broadcast): every rank asks
         if self.trainer.is_global_zero:
             write_test_outputs(log_dir, values, predictions)
-        self.invalid.reset()
 
-    def _gather_predictions(self) -> pd.DataFrame:
-        rows = self._predictions
+    def _ranking(self, ranks: pd.Series) -> dict[str, Any]:
+        """HR/NDCG@K of 0-based target ranks (-1: not in the top K); every rank holds all of them."""
+        metric = RankingMetrics(self.ks, sync_on_compute=False)
+        metric.update(torch.tensor(ranks.tolist(), dtype=torch.long))
+        return {k: float(v) if k != "users" else int(v) for k, v in metric.compute().items()}
+
+    def _gather(self, rows: list[dict], columns: list[str]) -> pd.DataFrame:
+        """This process's rows plus every other process's, each ``sample_index`` once, in sample order."""
         if self.trainer.world_size > 1:
             import torch.distributed as dist
 
             gathered: list[list[dict]] = [None] * self.trainer.world_size  # type: ignore[list-item]
             dist.all_gather_object(gathered, rows)
             rows = [r for part in gathered for r in part]
-        frame = pd.DataFrame(rows, columns=["sample_index", "user_id", "target", "rank", "top_items"])
-        # the distributed sampler repeats a few samples so ranks get equal shares; count each once
+        frame = pd.DataFrame(rows, columns=columns)
         return frame.drop_duplicates("sample_index").sort_values("sample_index").reset_index(drop=True)
 
     # ------------------------------------------------------------------ optimisation
