@@ -266,3 +266,27 @@ def test_sasrec_cli_fit_then_test_writes_the_run_files(processed_dir: Path, tmp_
     dm = IAMDataModule(str(processed_dir), tokenizer="tiny", max_eval_samples=5, seed=0)
     dm.setup("test")
     assert preds["sample_index"].tolist() == dm.datasets["test"].rows.tolist()
+
+
+def test_update_headers_writes_the_measured_line(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(REPO / "configs", tmp_path / "configs")  # a copy: the real configs stay untouched
+    root = tmp_path / "runs"
+    for seed, hr in ((0, 0.10), (1, 0.20)):
+        run_dir = root / "ml100k" / "iam" / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        metrics = {"HR@10": hr, "NDCG@10": hr / 2, "HR@20": hr * 2, "NDCG@20": hr, "users": 80}
+        (run_dir / "test_metrics.json").write_text(json.dumps(metrics))
+        (run_dir / "DONE").write_text(json.dumps({"profile": "cpu", "seconds": 600 + 60 * seed}))
+    changed = rp.update_headers("table2", ["ml100k"], [0, 1], "cpu", root)
+    assert changed == [Path("configs/table2/ml100k/iam.yaml")]  # the only cell with runs
+    lines = changed[0].read_text().splitlines()
+    measured = [line for line in lines if line.startswith("# Measured")]
+    assert len(measured) == 1 and "profile cpu, seeds 0 1" in measured[0]
+    assert "10.5 min per seed" in measured[0]  # (600 + 660) / 2 s
+    assert "HR@10 0.1500 ± 0.0707" in measured[0] and "80 test samples" in measured[0]  # sample std
+    assert "model:" in lines and "  schedule: iam" in lines  # the YAML body is kept
+    untouched = (tmp_path / "configs/table2/ml100k/causal.yaml").read_text()
+    assert untouched == (REPO / "configs/table2/ml100k/causal.yaml").read_text()

@@ -344,6 +344,8 @@ def reproduce(
             _check_profile(run_dir, prof)
             if is_done(run_dir):
                 lines.append(f"{cell.name} seed{seed}: done, skipped")
+                if not dry_run:
+                    print(lines[-1], flush=True)
                 continue
             state = "resume" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "run"
             block = [f"{cell.name} seed{seed}: {state}"]
@@ -374,6 +376,71 @@ def reproduce(
     return header + text
 
 
+# ------------------------------------------------------------------------------- config headers
+
+
+def hardware() -> str:
+    """A short description of this machine for config headers: the GPU's name, else the CPU's cores."""
+    import os
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+
+
+def measured_line(row: dict[str, Any], profile: str, seeds: Sequence[int], minutes: float | None) -> str:
+    """The ``# Measured:`` header line of a cell config, from its aggregated runs (mean ± std over seeds)."""
+
+    def cell(metric: str) -> str:
+        mean, std = row[f"{metric}_mean"], row.get(f"{metric}_std")
+        return f"{metric} {mean:.4f}" + (f" ± {std:.4f}" if std is not None and std == std else "")
+
+    took = f", {minutes:.1f} min per seed" if minutes is not None else ""
+    return (
+        f"# Measured ({time.strftime('%Y-%m-%d')}, profile {profile}, seeds {' '.join(map(str, seeds))}, "
+        f"{hardware()}{took}): {', '.join(cell(m) for m in ('HR@10', 'NDCG@10', 'HR@20', 'NDCG@20'))}, "
+        f"{int(row['users_mean'])} test samples"
+    )
+
+
+def update_headers(
+    table: str, datasets: Sequence[str], seeds: Sequence[int], profile: str, root: str | Path
+) -> list[Path]:
+    """Rewrite the ``# Measured:`` line of every cell config that has finished runs; returns the files."""
+    from iamrec.results import aggregate, collect_runs
+
+    root = Path(root)
+    runs = collect_runs(root)
+    runs = runs[runs["seed"].isin(list(seeds))]
+    if runs.empty:
+        return []
+    agg = aggregate(runs)
+    changed = []
+    for cell in plan(table, datasets):
+        rows = agg[(agg["dataset"] == cell.dataset) & (agg["method"] == cell.method)]
+        if rows.empty:
+            continue
+        done = [cell.run_dir(root, s) / "DONE" for s in seeds]
+        seconds = [json.loads(d.read_text() or "{}").get("seconds") for d in done if d.is_file()]
+        seconds = [x for x in seconds if x is not None]
+        minutes = sum(seconds) / len(seconds) / 60 if seconds else None
+        line = measured_line(rows.iloc[0].to_dict(), profile, sorted(runs["seed"].unique()), minutes)
+        text = cell.config.read_text().splitlines()
+        at = next((i for i, t in enumerate(text) if t.startswith("# Measured")), None)
+        if at is None:
+            raise ValueError(f"{cell.config} has no '# Measured' header line to update.")
+        end = at + 1
+        while end < len(text) and text[end].startswith("#   "):  # the line's continuation lines
+            end += 1
+        text[at:end] = [line]
+        cell.config.write_text("\n".join(text) + "\n")
+        changed.append(cell.config)
+    return changed
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run every cell x seed of a table (skipping finished ones) and write results/<table>.md/.csv/.png."""
     p = argparse.ArgumentParser(prog="python -m iamrec.reproduce", description=main.__doc__)
@@ -384,10 +451,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--root", default=None, help="runs root (default results/runs/<profile>/<table>)")
     p.add_argument("--out", default=None, help="report prefix (default results/<table>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
+    p.add_argument(
+        "--update-headers",
+        action="store_true",
+        help="after the report, write each finished cell's '# Measured:' line into its config",
+    )
     args = p.parse_args(argv)
     datasets = [d for d in args.datasets.replace(" ", ",").split(",") if d]
     try:
         print(reproduce(args.table, datasets, args.seeds, args.profile, args.root, args.out, args.dry_run))
+        if args.update_headers and not args.dry_run:
+            root = args.root or f"results/runs/{args.profile}/{args.table}"
+            for path in update_headers(args.table, datasets, args.seeds, args.profile, root):
+                print(f"updated the '# Measured' line of {path}")
     except (ValueError, FileNotFoundError) as err:
         print(f"iamrec.reproduce: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
