@@ -77,14 +77,17 @@ def left_pad(rows: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, mask, seg
 
 
-def same_beams(a, b, atol: float = 1e-4) -> bool:
+def same_beams(a, b, atol: float = 1e-4, a_rows: range | None = None) -> bool:
+    """Whether `b`'s prompts got the same beams as rows `a_rows` of `a` (default: all rows, same order)."""
+    a_rows = a_rows or range(a.scores.shape[0])
     k = a.scores.shape[1]
-    for i in range(a.scores.shape[0]):
-        if [a.answer(i, j) for j in range(k)] != [b.answer(i, j) for j in range(k)] or a.items[i] != b.items[
-            i
+    for j, i in enumerate(a_rows):
+        if [a.answer(i, m) for m in range(k)] != [b.answer(j, m) for m in range(k)] or a.items[i] != b.items[
+            j
         ]:
             return False
-    return bool(torch.allclose(a.scores, b.scores, atol=atol, rtol=0))
+    rows = torch.tensor(list(a_rows), device=a.scores.device)
+    return bool(torch.allclose(a.scores[rows], b.scores, atol=atol, rtol=0))
 
 
 def main() -> None:
@@ -107,6 +110,12 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true", help="cProfile the fast path on one batch")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument(
+        "--reference-batch",
+        type=int,
+        default=None,
+        help="users per HF generate call (default: --batch); the fast path may batch more users per call",
+    )
     parser.add_argument(
         "--random-weights",
         action="store_true",
@@ -138,7 +147,7 @@ def main() -> None:
         f"{len(titles)} items, trie {trie.num_nodes} nodes, longest answer {trie.max_depth} tokens "
         f"(built in {build:.2f}s) | {len(prompts)} users, prompts "
         f"{min(len(p) for p, _ in prompts)}-{max(len(p) for p, _ in prompts)} tokens, "
-        f"{args.beams} beams, batch {args.batch}"
+        f"{args.beams} beams, batch {args.batch} (reference batch {args.reference_batch or args.batch})"
     )
 
     fast_s = ref_s = per_beam_s = 0.0
@@ -159,10 +168,16 @@ def main() -> None:
                 f" | per-beam cache {time.perf_counter() - t:6.1f}s, same beams: {same_beams(fast, per_beam)}"
             )
         if not args.skip_reference:
-            t = time.perf_counter()
-            ref = reference_beam_search(model, ids, mask, seg, trie, args.beams, table=table)
+            rb = args.reference_batch or args.batch
+            users = prompts[i * args.batch : (i + 1) * args.batch]
+            t, same = time.perf_counter(), True
+            for j in range(0, len(users), rb):  # the same users, `rb` per HF generate call
+                r_ids, r_mask, r_seg = (
+                    x.to(args.device) for x in left_pad(users[j : j + rb], tokenizer.pad_token_id)
+                )
+                ref = reference_beam_search(model, r_ids, r_mask, r_seg, trie, args.beams, table=table)
+                same &= same_beams(fast, ref, a_rows=range(j, min(j + rb, len(users))))
             ref_s += time.perf_counter() - t
-            same = same_beams(fast, ref)
             identical &= same
             line += f" | reference {time.perf_counter() - t:6.1f}s | identical beams: {same}"
         print(line, flush=True)
