@@ -13,6 +13,7 @@ DATA := data/processed
 SEEDS ?= 0 1 2
 PROFILE ?= cpu
 DATASETS ?= ml100k
+METHODS ?=
 CONFIG ?= configs/ml100k.yaml
 
 .PHONY: help setup assets data-ml100k demo test test-slow test-gpu lint format bench reproduce-table2 reproduce-ablation clean
@@ -47,10 +48,10 @@ bench: setup ## speed benchmarks: attention step time and constrained decoding (
 	$(BIN)/python benchmarks/bench_decoding.py
 
 reproduce-table2: data-ml100k ## every Table 2 cell x seed (resumable) -> results/table2.md/.csv/.png (PROFILE=cpu|full DATASETS=ml100k,toys SEEDS="0 1 2")
-	$(BIN)/python -m iamrec.reproduce table2 --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS)
+	$(BIN)/python -m iamrec.reproduce table2 --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS))
 
 reproduce-ablation: data-ml100k ## every layer-ordering ablation cell x seed (resumable) -> results/ablation.md/.csv/.png
-	$(BIN)/python -m iamrec.reproduce ablation --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS)
+	$(BIN)/python -m iamrec.reproduce ablation --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS))
 
 test: setup ## run the CPU test suite (no network, a few minutes)
 	$(BIN)/pytest -q

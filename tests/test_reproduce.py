@@ -290,3 +290,14 @@ def test_update_headers_writes_the_measured_line(tmp_path: Path, monkeypatch) ->
     assert "model:" in lines and "  schedule: iam" in lines  # the YAML body is kept
     untouched = (tmp_path / "configs/table2/ml100k/causal.yaml").read_text()
     assert untouched == (REPO / "configs/table2/ml100k/causal.yaml").read_text()
+
+
+def test_methods_restrict_what_runs(workspace: Path) -> None:
+    plan_text = rp.reproduce(
+        "table2", ["ml100k"], [0], "small", root=workspace / "runs", dry_run=True, methods=["iam"]
+    )
+    assert "ml100k/iam seed0: run" in plan_text and "ml100k/causal seed0" not in plan_text
+    with pytest.raises(ValueError, match="unknown method"):
+        rp.reproduce(
+            "table2", ["ml100k"], [0], "small", root=workspace / "runs", dry_run=True, methods=["foo"]
+        )

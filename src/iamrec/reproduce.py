@@ -1,7 +1,7 @@
 """Run whole tables: every cell x seed, resumable, then one report (`make reproduce-table2|reproduce-ablation`).
 
     python -m iamrec.reproduce table2|ablation --profile cpu|full --datasets ml100k,toys --seeds 0 1 2
-        [--dry-run] [--root results/runs/<profile>/<table>] [--out results/<table>]
+        [--methods iam,causal] [--dry-run] [--update-headers] [--root results/runs/<profile>/<table>] [--out results/<table>]
 
 A **cell** is one (dataset, method) of a table; its config is `configs/<table>/<dataset>/<method>.yaml`, a
 small file layered over the dataset's base config `configs/<dataset>.yaml` (LLM cells; LightningCLI merges
@@ -309,9 +309,17 @@ def reproduce(
     root: str | Path | None = None,
     out: str | Path | None = None,
     dry_run: bool = False,
+    methods: Sequence[str] | None = None,
 ) -> str:
-    """Plan, run what is not finished, and write the report; returns the plan (dry run) or the markdown."""
+    """Plan, run what is not finished, and write the report; returns the plan (dry run) or the markdown.
+
+    `methods` restricts what is *run* to those rows (default: all); the report covers every finished run
+    under `root`.
+    """
     prof = PROFILES[profile]
+    unknown = sorted(set(methods or ()) - set(TABLES[table])) if table in TABLES else []
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} for {table}; choose from {', '.join(TABLES[table])}.")
     root = Path(root or f"results/runs/{profile}/{table}")
     out = Path(out or f"results/{table}")
     rerun = (
@@ -335,7 +343,8 @@ def reproduce(
         expected[cell.name] = rerun.format(dataset=cell.dataset)
         if marker.is_file() and not dry_run:
             marker.unlink()  # the inputs exist now
-        present.append(cell)
+        if methods is None or cell.method in methods:
+            present.append(cell)
     # Seed-major: every cell's first seed before any second seed, so a table stopped part-way already has
     # one complete row per method (and the paired test its first comparison).
     for seed in seeds:
@@ -450,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--root", default=None, help="runs root (default results/runs/<profile>/<table>)")
     p.add_argument("--out", default=None, help="report prefix (default results/<table>)")
+    p.add_argument("--methods", default=None, help="comma-separated rows to run (default: every row)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     p.add_argument(
         "--update-headers",
@@ -459,7 +469,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     datasets = [d for d in args.datasets.replace(" ", ",").split(",") if d]
     try:
-        print(reproduce(args.table, datasets, args.seeds, args.profile, args.root, args.out, args.dry_run))
+        methods = [m for m in args.methods.replace(" ", ",").split(",") if m] if args.methods else None
+        print(
+            reproduce(
+                args.table, datasets, args.seeds, args.profile, args.root, args.out, args.dry_run, methods
+            )
+        )
         if args.update_headers and not args.dry_run:
             root = args.root or f"results/runs/{args.profile}/{args.table}"
             for path in update_headers(args.table, datasets, args.seeds, args.profile, root):
