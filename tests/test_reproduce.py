@@ -54,7 +54,12 @@ def test_cell_configs_state_their_schedule_and_carry_the_header(in_repo) -> None
     for cell in CELLS:
         text = cell.config.read_text()
         assert text.startswith(f"# {cell.config.as_posix()} — "), cell.config
-        assert "# Command" in text and "# Hardware/time:" in text and "# Measured: not yet run." in text
+        assert "# Command" in text and "# Hardware/time:" in text
+        # Either never run, or the line `reproduce --update-headers` writes (never a hand-typed metric).
+        measured = [line for line in text.splitlines() if line.startswith("# Measured")]
+        assert measured == ["# Measured: not yet run."] or (
+            len(measured) == 1 and measured[0].startswith("# Measured (") and "profile " in measured[0]
+        ), cell.config
         if cell.kind == "llm":
             assert yaml.safe_load(text) == {"model": {"schedule": cell.method}}
 

@@ -379,7 +379,8 @@ def reproduce(
     header = (
         f"# {table}: profile `{profile}` ({prof.about}), seeds {' '.join(map(str, seeds))}\n\n"
         f"Produced by `python -m iamrec.reproduce {table} --profile {profile} --datasets {','.join(datasets)} "
-        f"--seeds {' '.join(map(str, seeds))}` from the runs under `{root}`.\n\n"
+        f"--seeds {' '.join(map(str, seeds))}{' --methods ' + ','.join(methods) if methods else ''}` "
+        f"from the runs under `{root}`.\n\n"
     )
     Path(f"{out}.md").write_text(header + text)
     return header + text
@@ -397,7 +398,14 @@ def hardware() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        models = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
+        ]
+        name = models[0] if models else name
+    return f"{os.cpu_count()}-core CPU ({name})"
 
 
 def measured_line(row: dict[str, Any], profile: str, seeds: Sequence[int], minutes: float | None) -> str:
@@ -436,7 +444,10 @@ def update_headers(
         seconds = [json.loads(d.read_text() or "{}").get("seconds") for d in done if d.is_file()]
         seconds = [x for x in seconds if x is not None]
         minutes = sum(seconds) / len(seconds) / 60 if seconds else None
-        line = measured_line(rows.iloc[0].to_dict(), profile, sorted(runs["seed"].unique()), minutes)
+        cell_seeds = sorted(
+            runs.loc[(runs["dataset"] == cell.dataset) & (runs["method"] == cell.method), "seed"]
+        )
+        line = measured_line(rows.iloc[0].to_dict(), profile, cell_seeds, minutes)
         text = cell.config.read_text().splitlines()
         at = next((i for i, t in enumerate(text) if t.startswith("# Measured")), None)
         if at is None:

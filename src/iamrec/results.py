@@ -186,20 +186,28 @@ def best_method(agg: pd.DataFrame, dataset: str, metric: str, exclude: str | Non
 
 
 def significance(
-    runs: pd.DataFrame, agg: pd.DataFrame, test_metric: str = "NDCG@10", iam: str = IAM
+    runs: pd.DataFrame,
+    agg: pd.DataFrame,
+    test_metric: str = "NDCG@10",
+    iam: str = IAM,
+    also: Sequence[str] = ("causal",),
 ) -> pd.DataFrame:
-    """IAM vs the best baseline (by ``test_metric``) per dataset, paired over test users.
+    """IAM vs the best baseline (by ``test_metric``) per dataset, paired over test users; then IAM vs each
+    method in ``also`` that has runs (default: the same LLM with standard attention, the matched control).
 
-    One row per dataset and per-user metric (HR@10, NDCG@10): ``dataset``, ``baseline``, ``metric``,
-    ``n`` (users both evaluated), ``mean_diff``, ``t_pvalue``, ``wilcoxon_pvalue``.
+    One row per dataset, baseline and per-user metric (HR@10, NDCG@10): ``dataset``, ``baseline``,
+    ``metric``, ``n`` (users both evaluated), ``mean_diff``, ``t_pvalue``, ``wilcoxon_pvalue``.
     """
     rows = []
+    pairs = []
     for dataset in sorted(agg["dataset"].unique()):
-        if not ((agg["dataset"] == dataset) & (agg["method"] == iam)).any():
+        present = set(agg.loc[agg["dataset"] == dataset, "method"])
+        if iam not in present:
             continue
-        baseline = best_method(agg, dataset, test_metric, exclude=iam)
-        if baseline is None:
-            continue
+        best = best_method(agg, dataset, test_metric, exclude=iam)
+        extra = [m for m in also if m in present and m not in (best, iam)]
+        pairs += [(dataset, b) for b in ([best] if best else []) + extra]
+    for dataset, baseline in pairs:
         try:
             scores = [per_user_scores(load_predictions(runs, dataset, m), k=10) for m in (iam, baseline)]
         except FileNotFoundError:
@@ -281,8 +289,9 @@ def to_markdown(
         if significance_df is not None:
             for r in significance_df[significance_df["dataset"] == dataset].itertuples():
                 lines.append(
-                    f"- {iam} vs {r.baseline}, per-user {r.metric} over {r.n} test users: "
-                    f"paired t-test p = {r.t_pvalue:.3g}, Wilcoxon signed-rank p = {r.wilcoxon_pvalue:.3g}"
+                    f"- {iam} vs {r.baseline}, per-user {r.metric} over {r.n} test users: mean difference "
+                    f"{r.mean_diff:+.4f}, paired t-test p = {r.t_pvalue:.3g}, "
+                    f"Wilcoxon signed-rank p = {r.wilcoxon_pvalue:.3g}"
                 )
             lines.append("")
     if missing is not None and not missing.empty:
