@@ -238,6 +238,33 @@ def test_shared_prompt_cache_equals_per_beam_copies(model, trie):
     _assert_same(plain, reference_beam_search(model, ids, mask, None, trie, 3))
 
 
+def test_sparse_scores_and_sliced_head_change_nothing_but_cost(model, trie):
+    """Scoring only the allowed tokens and the LM head in vocabulary slices: the same beams as HF's way."""
+    ids, mask, seg = _prompts(seed=7)
+    dense = constrained_beam_search(model, ids, mask, seg, trie, 6, sparse=False, head_chunk=None)
+    _assert_same(constrained_beam_search(model, ids, mask, seg, trie, 6), dense)
+    _assert_same(constrained_beam_search(model, ids, mask, seg, trie, 6, head_chunk=128), dense)
+
+
+def test_sparse_top_equals_dense_top_with_placeholder_beams():
+    from iamrec.decoding.beam import _NEG, _dense_top, _sparse_top
+
+    trie = TitleTrie.from_sequences(_catalogue(), 600)
+    gen = torch.Generator().manual_seed(0)
+    b, k = 3, 4
+    leaves = trie.is_leaf(torch.arange(trie.num_nodes)).nonzero().view(-1)
+    nodes = torch.randint(0, trie.num_nodes, (b, k), generator=gen)  # inner nodes and leaves
+    nodes[0, 0], nodes[0, 1], nodes[1, 2] = 0, -1, leaves[0]  # the root, off the trie, a leaf
+    logits = torch.randn(b * k, 600, generator=gen) * 3
+    run_scores = -10 * torch.rand(b, k, generator=gen)
+    run_scores[2, 1:] = _NEG  # placeholder beams, as at the first step
+    sparse_scores, sparse_idx = _sparse_top(logits, logits.logsumexp(-1), nodes, run_scores, trie)
+    dense_scores, dense_idx = _dense_top(logits, nodes, run_scores, trie)
+    assert torch.equal(sparse_idx, dense_idx)
+    assert torch.allclose(sparse_scores, dense_scores, atol=1e-5)
+    assert bool((dense_scores[2] < -1e8).any())  # the case really has placeholders in the top 2K
+
+
 def test_shared_prompt_attention_equals_dense_attention():
     """One decode step of `shared_prompt_attention` == softmax over the concatenated keys with the dense mask."""
     from types import SimpleNamespace
@@ -253,7 +280,7 @@ def test_shared_prompt_attention_equals_dense_attention():
     pk, pv = torch.randn(2, b, hk, p, d, generator=gen)
     gk, gv = torch.randn(2, b * k, hk, n, d, generator=gen)
     q = torch.randn(b * k, hk * g, 1, d, generator=gen)
-    cache = SimpleNamespace(layers=[SharedPromptLayer(pk, pv)] * 3)
+    cache = SimpleNamespace(layers=[SharedPromptLayer(pk, pv, capacity=n)] * 3)
     slots = {0: "intra", 1: "inter", 2: "causal"}
     for cv in (True, False):
         prompt = SharedPrompt(cache, k, mask, seg, slots, cv, n)

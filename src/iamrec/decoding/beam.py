@@ -11,16 +11,20 @@ algorithm — `constrained_beam_search` is a line-by-line mirror of transformers
 What the fast path does differently (only cost, never the result):
 
 * **one prefill per prompt**: HF copies every prompt ``K`` times *before* the prefill, so it encodes
-  each prompt ``K`` times; here the ``B`` prompts are encoded once (``logits_to_keep=1``: the LM head
-  runs on the last position only);
+  each prompt ``K`` times; here the ``B`` prompts are encoded once (the decoder stack alone; the LM head
+  then runs on the last position only);
 * **one copy of the prompt's keys/values per prompt** (`shared_prompt` module): the ``K`` beams of a
   prompt share its prompt cache, only the answer tokens' keys/values are kept (and reordered) per beam,
   and a decode-step attention function scores both blocks with one softmax. With
   ``shared_prompt=False`` the prompt cache is copied to the beams instead
   (``cache.batch_repeat_interleave(K)``, every cache layer including the extra slots of stacked
   schedules) and the model's own attention runs; both are tested against HF;
-* **a vectorised trie mask**: ``TitleTrie.allowed_mask`` for all ``R`` beams at once instead of a
-  Python call per beam (``prefix_allowed_tokens_fn``) that walks a dict;
+* **log-probs of the allowed tokens only** (`_sparse_top`): ``TitleTrie.allowed_edges`` lists the
+  allowed ``(beam, token)`` pairs of all ``R`` beams at once (no Python call per beam that walks a
+  dict, as ``prefix_allowed_tokens_fn`` does), and only those pairs get ``logit - logsumexp``; no
+  vocabulary-wide log-softmax, mask or sum (``sparse=False`` runs HF's way, `_dense_top`);
+* **the LM head in vocabulary slices on CPU** (`_Head`): the same product, faster while each slice's
+  weights stay in cache, with the log-sum-exp taken slice by slice;
 * **settled prompts leave the batch**: a prompt whose ``K`` result slots hold real finished answers and
   that can no longer change (see `_settled`) is written out and its rows are dropped from the cache, so
   a batch only computes the prompts still searching.
@@ -45,13 +49,19 @@ import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from iamrec.decoding.shared_prompt import SharedPrompt, SharedPromptCache, decode_attention, item_state
+from iamrec.decoding.shared_prompt import (
+    SharedPrompt,
+    SharedPromptCache,
+    _hf,
+    decode_attention,
+    item_state,
+)
 from iamrec.decoding.trie import TitleTrie
 
 EarlyStopping = bool | Literal["never"]
@@ -121,25 +131,102 @@ def _prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return position_ids.masked_fill(attention_mask == 0, 0)
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    """The cache argument's name: ``cache`` from transformers 5.2x on, ``past_key_values`` before (5.17)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: (*args, **kwargs)
-    return _cache_keyword_of(type(base))
-
-
 @functools.cache
 def _cache_keyword_of(cls: type) -> str:
+    """The cache argument's name: ``cache`` from transformers 5.2x on, ``past_key_values`` before (5.17)."""
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
-def _forward(model, cache, **kwargs):
-    """One model call; returns float32 last-position logits ``(R, V)`` and the cache."""
+def _forward(model: nn.Module, cache, **kwargs) -> tuple[torch.Tensor, Any]:
+    """One call of the decoder stack (the LM head is `_Head`); returns the last position's hidden states
+    ``(R, H)`` and the cache."""
     if kwargs.get("segment_ids") is None:
         kwargs.pop("segment_ids", None)
-    kwargs[_cache_keyword(model)] = cache
-    out = model(use_cache=True, logits_to_keep=1, return_dict=True, **kwargs)
+    decoder = _hf(model).model
+    kwargs[_cache_keyword_of(type(decoder))] = cache
+    out = decoder(use_cache=True, **kwargs)
     cache = getattr(out, "cache", None) or out.past_key_values
-    return out.logits[:, -1, :].float(), cache  # a view of the model's output; log_softmax copies it
+    return out.last_hidden_state[:, -1], cache
+
+
+class _Head:
+    """The LM head for the search: float32 logits ``(R, V)`` of the last positions, and their log-sum-exp.
+
+    With ``chunk`` set, a float32, bias-free ``nn.Linear`` head on CPU writes its product one slice of
+    ``chunk`` vocabulary rows at a time into a buffer reused across steps (the same values, bit for bit),
+    and takes each slice's log-sum-exp while the slice is still in cache. One ``(320, 576) x (576, 49152)``
+    product runs at ~80-95 GFLOP/s on the 2-core dev CPU, because the 113 MB weight does not stay in
+    cache; 2,048-row slices at ~95-115, and the log-sum-exp costs ~40 ms instead of ~70. Anything else
+    calls the head module as HF does (``head(hidden).float()``). The logits are overwritten by the next call.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int | None):
+        self.module = _hf(model).get_output_embeddings()
+        plain = type(self.module) is nn.Linear and self.module.bias is None
+        self.chunk = chunk if plain and self.module.weight.dtype == torch.float32 else None
+        self._buffer: torch.Tensor | None = None
+
+    def __call__(self, hidden: torch.Tensor, lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logits (R, V), their logsumexp (R,) or None)`` for ``hidden (R, H)``."""
+        if self.chunk is None or hidden.device.type != "cpu" or hidden.dtype != torch.float32:
+            logits = self.module(hidden).float()
+            return logits, (torch.logsumexp(logits, dim=-1) if lse else None)
+        weight = self.module.weight  # (V, H)
+        r, v = hidden.shape[0], weight.shape[0]
+        if self._buffer is None or self._buffer.shape[0] < r:
+            self._buffer = hidden.new_empty(r, v)
+        logits, hidden, parts = self._buffer[:r], hidden.contiguous(), []
+        for start in range(0, v, self.chunk):
+            part = logits[:, start : start + self.chunk]
+            torch.mm(hidden, weight[start : start + self.chunk].t(), out=part)
+            if lse:
+                parts.append(torch.logsumexp(part, dim=-1))
+        return logits, (torch.logsumexp(torch.stack(parts, dim=-1), dim=-1) if lse else None)
+
+
+def _dense_top(
+    logits: torch.Tensor, nodes: torch.Tensor, run_scores: torch.Tensor, trie: TitleTrie
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's step over the whole vocabulary: ``(B', 2K)`` best scores and their ``parent * V + token``.
+
+    Log-softmax, the trie's mask (HF: PrefixConstrainedLogitsProcessor), plus the running scores, then
+    the top ``2K`` over all ``K * V`` continuations (HF: _get_top_k_continuations).
+    """
+    b, k = run_scores.shape
+    v, eos = trie.vocab_size, trie.eos_token_id
+    log_probs = nn.functional.log_softmax(logits, dim=-1)  # (R, V)
+    allowed = trie.allowed_mask(nodes.view(-1))  # (R, V)
+    allowed[~allowed.any(-1), eos] = True  # complete / off-trie beams may only repeat EOS
+    log_probs.masked_fill_(~allowed, float("-inf"))  # log_probs is log_softmax's fresh tensor
+    unsatisfiable = log_probs.amax(-1).isneginf().view(b, k).all(-1)  # (B',)
+    if unsatisfiable.any():  # HF then forces the allowed tokens with score 0
+        forced = torch.zeros_like(log_probs).masked_fill(~allowed, float("-inf"))
+        log_probs = torch.where(unsatisfiable.repeat_interleave(k)[:, None], forced, log_probs)
+    scores = (log_probs.view(b, k, v) + run_scores[:, :, None]).view(b, k * v)
+    return torch.topk(scores, k=2 * k)
+
+
+def _sparse_top(
+    logits: torch.Tensor, lse: torch.Tensor, nodes: torch.Tensor, run_scores: torch.Tensor, trie: TitleTrie
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_dense_top` with the log-probs of the trie's allowed ``(row, token)`` pairs only.
+
+    A disallowed continuation scores -inf in `_dense_top`, so only the allowed pairs need a log-prob
+    (``logit - logsumexp``); they are written into a ``(B', K * V)`` canvas of -inf and the same top
+    ``2K`` runs on it. The canvas stays (rather than a top-k over the pairs alone) because deep in the
+    trie a prompt's beams have fewer than ``2K`` live continuations, and HF then picks placeholder
+    candidates (score about -1e9, many equal) in the tie order of its dense top-k; the same call on the
+    same layout picks the same ones. What goes away is the vocabulary-wide log-softmax, mask and sums.
+    """
+    b, k = run_scores.shape
+    v, eos = trie.vocab_size, trie.eos_token_id
+    rows, tokens = trie.allowed_edges(nodes.view(-1))  # (S,) each
+    lone = (torch.bincount(rows, minlength=b * k) == 0).nonzero().view(-1)  # complete / off-trie rows
+    rows, tokens = torch.cat([rows, lone]), torch.cat([tokens, torch.full_like(lone, eos)])  # EOS only
+    pair_scores = logits[rows, tokens] - lse[rows] + run_scores.view(-1)[rows]  # (S,)
+    scores = logits.new_full((b, k * v), float("-inf"))
+    scores.view(-1)[rows * v + tokens] = pair_scores  # row r = prompt r // K, beam r % K
+    return torch.topk(scores, k=2 * k)
 
 
 @torch.no_grad()
@@ -155,6 +242,8 @@ def constrained_beam_search(
     early_stopping: EarlyStopping = True,
     drop_settled: bool = True,
     shared_prompt: bool = True,
+    sparse: bool = True,
+    head_chunk: int | None = 2048,
 ) -> BeamResult:
     """Beam search over the catalogue answers in `trie`, equal to `reference_beam_search` (HF generate).
 
@@ -171,6 +260,10 @@ def constrained_beam_search(
         drop_settled: drop prompts whose results can no longer change from the batch (speed only).
         shared_prompt: keep the prompt's keys/values once per prompt (`shared_prompt` module; speed
             only); False copies them to every beam (the stock cache layout).
+        sparse: score only the trie's allowed tokens (`_sparse_top`; speed only); False scores the whole
+            vocabulary as HF does (`_dense_top`).
+        head_chunk: vocabulary rows per slice of the LM head product on CPU (`_Head`; speed only); None:
+            one product.
     """
     _check(model, trie, num_beams, early_stopping)
     device = input_ids.device
@@ -186,12 +279,15 @@ def constrained_beam_search(
     mask = None if bool((attention_mask == 1).all()) else attention_mask
 
     # 1. encode each prompt once; its cache is then shared by its beams (or copied to each beam)
-    logits, cache = _forward(
+    head = _Head(model, head_chunk)
+    hidden, cache = _forward(
         model, None, input_ids=input_ids, attention_mask=mask, position_ids=positions, segment_ids=segment_ids
     )
+    logits, lse = head(hidden, lse=sparse)
     logits = logits.repeat_interleave(K, 0)  # (B*K, V)
+    lse = lse.repeat_interleave(K, 0) if sparse else None  # (B*K,)
     if shared_prompt:
-        cache = SharedPromptCache(cache)
+        cache = SharedPromptCache(cache, capacity=T)
         slot_kind, context_visible = item_state(model)
         rows_mask, rows_seg = mask, segment_ids  # (B', L): per prompt, for the attention bias
     else:
@@ -217,19 +313,12 @@ def constrained_beam_search(
 
     for t in range(T):
         b = active.numel()
-        # a. log-probs of the next token, restricted to the trie (HF: PrefixConstrainedLogitsProcessor)
-        log_probs = nn.functional.log_softmax(logits, dim=-1)  # (R, V)
-        allowed = trie.allowed_mask(nodes.view(-1))  # (R, V)
-        allowed[~allowed.any(-1), eos] = True  # complete / off-trie beams may only repeat EOS
-        log_probs.masked_fill_(~allowed, float("-inf"))  # log_probs is log_softmax's fresh tensor
-        unsatisfiable = log_probs.amax(-1).isneginf().view(b, K).all(-1)  # (B',)
-        if unsatisfiable.any():  # HF then forces the allowed tokens with score 0
-            forced = torch.zeros_like(log_probs).masked_fill(~allowed, float("-inf"))
-            log_probs = torch.where(unsatisfiable.repeat_interleave(K)[:, None], forced, log_probs)
-        scores = (log_probs.view(b, K, V) + run_scores[:, :, None]).view(b, K * V)
-
-        # b. the top 2K continuations over all beams (HF: _get_top_k_continuations)
-        top_scores, top_idx = torch.topk(scores, k=2 * K)  # (B', 2K)
+        # a-b. the top 2K continuations over all beams, restricted to the trie (HF:
+        # PrefixConstrainedLogitsProcessor, then _get_top_k_continuations)
+        if sparse:
+            top_scores, top_idx = _sparse_top(logits, lse, nodes, run_scores, trie)
+        else:
+            top_scores, top_idx = _dense_top(logits, nodes, run_scores, trie)
         parent, token = top_idx // V, top_idx % V
         cand_tokens = torch.take_along_dim(run_tokens, parent[..., None], dim=1)  # (B', 2K, T)
         cand_tokens[:, :, t] = token
@@ -306,13 +395,14 @@ def constrained_beam_search(
             prompt = SharedPrompt(cache, K, rows_mask, rows_seg, slot_kind, context_visible, t + 1)
             # segment_ids only switch the stacked passes on; the kinds' masks come from `prompt`
             with decode_attention(model):
-                logits, cache = _forward(model, cache, segment_ids=rows_seg, iam_prompt=prompt, **step)
+                hidden, cache = _forward(model, cache, segment_ids=rows_seg, iam_prompt=prompt, **step)
         else:
             cache.reorder_cache(beam_rows)
             step_mask = None
             if rows_mask is not None:
                 step_mask = torch.cat([rows_mask, rows_mask.new_ones(rows_mask.shape[0], t + 1)], dim=1)
-            logits, cache = _forward(model, cache, attention_mask=step_mask, segment_ids=rows_seg, **step)
+            hidden, cache = _forward(model, cache, attention_mask=step_mask, segment_ids=rows_seg, **step)
+        logits, lse = head(hidden, lse=sparse)
         steps += 1
     return _result(trie, out_tokens, out_scores, steps)
 
@@ -364,7 +454,7 @@ def beam_generation_config(
 @contextlib.contextmanager
 def _blank_generation_defaults(model: nn.Module):
     """Swap the model's stored generation_config for a blank one, so none of its values fills ours."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = _hf(model)
     saved = hf.generation_config
     hf.generation_config = GenerationConfig()
     try:

@@ -9,7 +9,8 @@ layout copies them ``K`` times (``batch_repeat_interleave``) and then copies the
 (the beam reorder, the ``cat`` that appends the new token). Here a cache layer keeps
 
     prompt block     (b, Hk, P, D)    written once by the prefill; only shrinks when prompts settle
-    generated block  (R, Hk, n, D)    one row per beam, reordered and grown each step
+    generated block  (R, Hk, n, D)    one row per beam, reordered and grown each step (the first n slots
+                                      of a preallocated buffer)
 
 and a decode-step attention function scores the query against both blocks with one softmax:
 
@@ -48,24 +49,38 @@ ATTENTION_NAME = "iam_shared_prompt"
 
 
 class SharedPromptLayer(DynamicLayer):
-    """One cache slot: the prompt block once per prompt, the generated block once per beam."""
+    """One cache slot: the prompt block once per prompt, the generated block once per beam.
 
-    def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor):
+    The generated block lives in a preallocated ``(R, Hk, capacity, D)`` buffer: a step writes its token
+    into the next slot, and the beam reorder copies the filled slots into a spare buffer (one per cache,
+    passed from layer to layer) instead of allocating and concatenating every step.
+    """
+
+    def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor, capacity: int):
         super().__init__()
         self.prompt_keys, self.prompt_values = prompt_keys, prompt_values  # (b, Hk, P, D)
         b, hk, _, d = prompt_keys.shape
-        self.keys = prompt_keys.new_empty(b, hk, 0, d)  # (R, Hk, n, D); R unknown until the first step
+        self.capacity = capacity  # most tokens a beam generates
+        self.buffer: tuple[torch.Tensor, torch.Tensor] | None = None  # (R, Hk, capacity, D) keys, values
+        self.keys = prompt_keys.new_empty(b, hk, 0, d)  # (R, Hk, n, D) views of the buffer's filled slots
         self.values = prompt_values.new_empty(b, hk, 0, d)
         self.device = prompt_keys.device
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append one token per beam; returns the generated block only (the attention adds the prompt)."""
-        if self.keys.shape[-2] == 0:
-            self.keys, self.values = key_states, value_states
-        else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
+        """Write one token per beam into the next slot; returns the generated block (the attention adds the prompt)."""
+        r, n = key_states.shape[0], self.keys.shape[-2]
+        if n == self.capacity:
+            raise RuntimeError(
+                f"the decode cache holds {self.capacity} generated tokens; a beam asked for more."
+            )
+        if self.buffer is None:
+            shape = (r, *key_states.shape[1:2], self.capacity, key_states.shape[-1])
+            self.buffer = (key_states.new_empty(shape), value_states.new_empty(shape))
+        keys, values = self.buffer[0][:r], self.buffer[1][:r]
+        keys[:, :, n : n + 1] = key_states
+        values[:, :, n : n + 1] = value_states
+        self.keys, self.values = keys[:, :, : n + 1], values[:, :, : n + 1]
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -74,26 +89,47 @@ class SharedPromptLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
-    def select(self, prompts: torch.Tensor | None, rows: torch.Tensor) -> None:
-        """Keep prompts ``prompts`` (None: all) and beam rows ``rows`` (indices into the current rows)."""
+    def select(
+        self,
+        prompts: torch.Tensor | None,
+        rows: torch.Tensor,
+        spare: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keep prompts ``prompts`` (None: all) and beam rows ``rows`` (indices into the current rows).
+
+        The filled slots are copied into `spare` (a buffer of this layer's shape, or None: allocate one);
+        returns this layer's previous buffer, the spare for the next layer.
+        """
         if prompts is not None:
             self.prompt_keys = self.prompt_keys.index_select(0, prompts)
             self.prompt_values = self.prompt_values.index_select(0, prompts)
-        if self.keys.shape[-2] > 0:
-            self.keys = self.keys.index_select(0, rows)
-            self.values = self.values.index_select(0, rows)
+        n = self.keys.shape[-2]
+        if n == 0:
+            return spare
+        spare = spare or (torch.empty_like(self.buffer[0]), torch.empty_like(self.buffer[1]))
+        r = rows.numel()
+        keys, values = spare[0][:r, :, :n], spare[1][:r, :, :n]
+        torch.index_select(self.keys, 0, rows, out=keys)
+        torch.index_select(self.values, 0, rows, out=values)
+        self.buffer, spare = spare, self.buffer
+        self.keys, self.values = keys, values
+        return spare
 
 
 class SharedPromptCache(Cache):
-    """A `Cache` of `SharedPromptLayer` slots, built from the prefill's `DynamicCache`."""
+    """A `Cache` of `SharedPromptLayer` slots, built from the prefill's `DynamicCache`.
 
-    def __init__(self, prefill_cache: Cache):
-        layers = [SharedPromptLayer(layer.keys, layer.values) for layer in prefill_cache.layers]
+    ``capacity``: the most tokens a beam generates (the size of each slot's generated buffer).
+    """
+
+    def __init__(self, prefill_cache: Cache, capacity: int):
+        layers = [SharedPromptLayer(layer.keys, layer.values, capacity) for layer in prefill_cache.layers]
         super().__init__(layers=layers)
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def select(self, prompts: torch.Tensor | None, rows: torch.Tensor) -> None:
-        for layer in self.layers:
-            layer.select(prompts, rows)
+        for layer in self.layers:  # each layer's old buffer becomes the next layer's spare
+            self._spare = layer.select(prompts, rows, self._spare)
 
 
 class SharedPrompt:

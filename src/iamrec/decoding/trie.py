@@ -23,7 +23,7 @@ token; nodes are numbered breadth-first so the edge list is grouped by parent)::
     item_ptr    (N + 1,)  [0, 0, 0, 1, 1, 1, 3, 4]  CSR of the items ending at each node (leaves only)
     item_ids    (I,)      [2, 0, 3, 1]
 
-`allowed_mask` and `advance` take a whole ``(M,)`` vector of nodes and never loop in Python over beams.
+`allowed_edges`, `allowed_mask` and `advance` take a whole ``(M,)`` vector of nodes and never loop in Python over beams.
 Node ``-1`` stands for "not on any catalogue path": it has no children and advancing from it stays -1.
 """
 
@@ -154,10 +154,10 @@ class TitleTrie:
         """A tensor of root nodes (0) of `shape`."""
         return torch.zeros(shape, dtype=torch.long, device=self._device)
 
-    def allowed_mask(self, nodes: torch.Tensor) -> torch.Tensor:
-        """``(M, V)`` bool: which tokens continue a catalogue answer from each of ``nodes`` ``(M,)``.
+    def allowed_edges(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every (row, token) pair allowed from ``nodes`` ``(M,)``, as two ``(S,)`` vectors.
 
-        Leaves and node -1 have no allowed token (all-False rows).
+        Sorted by row, then token (the order of ``row * V + token``). Leaves and node -1 give no pair.
         """
         nodes = nodes.reshape(-1)
         valid = nodes >= 0
@@ -168,9 +168,16 @@ class TitleTrie:
         # edge index of each (row, child): the row's first edge + the child's rank within the row
         first = torch.cumsum(counts, 0) - counts  # (M,) offset of each row in the flat list
         rank = torch.arange(rows.numel(), device=nodes.device) - first[rows]
-        edges = start[rows] + rank
+        return rows, self.child_token[start[rows] + rank]
+
+    def allowed_mask(self, nodes: torch.Tensor) -> torch.Tensor:
+        """``(M, V)`` bool: which tokens continue a catalogue answer from each of ``nodes`` ``(M,)``.
+
+        Leaves and node -1 have no allowed token (all-False rows).
+        """
+        rows, tokens = self.allowed_edges(nodes)
         mask = torch.zeros(nodes.numel(), self.vocab_size, dtype=torch.bool, device=nodes.device)
-        mask[rows, self.child_token[edges]] = True
+        mask[rows, tokens] = True
         return mask
 
     def advance(self, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
