@@ -9,8 +9,9 @@ catalogue answer from `iamrec.data.encode_answers` (title + EOS). Without `data/
 (`make data-ml100k`) it falls back to synthetic titles and histories.
 
 Both paths decode the same batches, alternating, and the script checks that they return identical beams
-(tokens, order, items; scores within 1e-4). Prints users/s for each and the ratio; `--profile` adds a
-cProfile summary of the fast path.
+(tokens, order, items; scores within 1e-4). Prints users/s for each and the ratio; `--dense` also times
+the fast path with HF's whole-vocabulary scoring (`sparse=False, head_chunk=None`) in the same run;
+`--profile` adds a cProfile summary of the fast path.
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ def main() -> None:
         action="store_true",
         help="also time the fast path with the prompt cache copied per beam",
     )
+    parser.add_argument(
+        "--dense",
+        action="store_true",
+        help="also time the fast path scoring the whole vocabulary in one LM-head product (sparse=False, head_chunk=None)",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the fast path on one batch")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument(
@@ -150,13 +156,14 @@ def main() -> None:
         f"{args.beams} beams, batch {args.batch} (reference batch {args.reference_batch or args.batch})"
     )
 
-    fast_s = ref_s = per_beam_s = 0.0
-    identical, steps, hits = True, [], 0
+    fast_s = ref_s = per_beam_s = dense_s = 0.0
+    identical, steps, hits, filler = True, [], 0, 0
     for i, (ids, mask, seg) in enumerate(batches):
         t = time.perf_counter()
         fast = constrained_beam_search(model, ids, mask, seg, trie, args.beams)
         fast_s += time.perf_counter() - t
         steps.append(fast.steps)
+        filler += int((fast.scores < -1e8).sum())
         targets = [target for _, target in samples[i * args.batch : (i + 1) * args.batch]]
         hits += sum(target in sum(items, []) for target, items in zip(targets, fast.items))
         line = f"batch {i}: fast {time.perf_counter() - t:6.1f}s ({fast.steps} steps)"
@@ -167,6 +174,13 @@ def main() -> None:
             line += (
                 f" | per-beam cache {time.perf_counter() - t:6.1f}s, same beams: {same_beams(fast, per_beam)}"
             )
+        if args.dense:
+            t = time.perf_counter()
+            dense = constrained_beam_search(
+                model, ids, mask, seg, trie, args.beams, sparse=False, head_chunk=None
+            )
+            dense_s += time.perf_counter() - t
+            line += f" | dense scoring {time.perf_counter() - t:6.1f}s, same beams: {same_beams(fast, dense)}"
         if not args.skip_reference:
             rb = args.reference_batch or args.batch
             users = prompts[i * args.batch : (i + 1) * args.batch]
@@ -188,12 +202,21 @@ def main() -> None:
         print(
             f"per-beam:   {n / per_beam_s:.3f} users/s  ({per_beam_s:.1f}s)  [prompt cache copied to every beam]"
         )
+    if args.dense:
+        print(
+            f"dense:      {n / dense_s:.3f} users/s  ({dense_s:.1f}s)  [whole-vocabulary scoring, one LM-head product]"
+            f"  -> fast is {dense_s / fast_s:.2f}x"
+        )
     if not args.skip_reference:
         print(
             f"reference:  {n / ref_s:.3f} users/s  ({ref_s:.1f}s)  [HF generate + prefix_allowed_tokens_fn]"
         )
         print(f"speed-up:   {ref_s / fast_s:.2f}x   identical beams on every batch: {identical}")
     print(f"HR@{args.beams} of these users: {hits}/{n}")
+    print(
+        f"placeholder slots (HF's filler beams, score ~ -1e9, when fewer than {args.beams} answers finish): "
+        f"{filler} of {n * args.beams}"
+    )
 
     if args.profile:
         import cProfile
