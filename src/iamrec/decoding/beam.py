@@ -142,7 +142,7 @@ def _forward(model: nn.Module, cache, **kwargs) -> tuple[torch.Tensor, Any]:
     ``(R, H)`` and the cache."""
     if kwargs.get("segment_ids") is None:
         kwargs.pop("segment_ids", None)
-    decoder = _hf(model).model
+    decoder = _hf(model).get_decoder()  # e.g. LlamaModel: the decoder stack, no LM head
     kwargs[_cache_keyword_of(type(decoder))] = cache
     out = decoder(use_cache=True, **kwargs)
     cache = getattr(out, "cache", None) or out.past_key_values
