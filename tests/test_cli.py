@@ -63,6 +63,8 @@ def test_fit_then_test_writes_metrics_and_predictions(processed_dir, tmp_path):
     assert len(preds) == 12 and preds["sample_index"].is_unique
     hr10 = float((preds["rank"].between(0, 9)).mean())
     assert hr10 == pytest.approx(metrics["HR@10"])
+    distinct = preds["top_items"].map(lambda items: len(set(items))).mean()
+    assert metrics["distinct_items"] == pytest.approx(distinct) and 1 <= distinct <= 20
     assert "most-popular" in res.stdout and "HR@10" in res.stdout
     # the adapter-or-full checkpoint rebuilds the model without the training config
     from iamrec.lit_module import IAMRecModule

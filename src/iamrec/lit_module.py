@@ -200,6 +200,10 @@ class IAMRecModule(L.LightningModule):
         values: dict[str, Any] = self._ranking(predictions["rank"])
         beams = len(predictions) * self.hparams.num_beams
         values["invalid_rate"] = float(predictions["invalid_beams"].sum() / beams) if beams else 0.0
+        # HF-style beam search repeats a finished answer in the slots it cannot fill (fewer than K answers
+        # finish before the beams run out), so a sample's top K can name fewer than K distinct items.
+        distinct = predictions["top_items"].map(lambda items: len(set(items) - {-1}))
+        values["distinct_items"] = float(distinct.mean()) if len(distinct) else 0.0
         values["schedule"] = describe(self.hf_model._iam_state.schedule)
         self.log_dict(
             {f"test/{k}": v for k, v in values.items() if isinstance(v, float)}, rank_zero_only=True
@@ -313,6 +317,11 @@ def write_test_outputs(run_dir: Path, metrics: dict[str, Any], predictions: pd.D
     (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     predictions.to_parquet(run_dir / "predictions.parquet", index=False)
     print(format_metrics_table({"model": metrics}))
+    if "distinct_items" in metrics and len(predictions):
+        print(
+            f"distinct catalogue items per sample in the top {len(predictions['top_items'].iloc[0])}: "
+            f"{metrics['distinct_items']:.2f} on average (beam search repeats an answer in slots it cannot fill)"
+        )
     print(f"wrote {run_dir / 'test_metrics.json'} and {run_dir / 'predictions.parquet'}")
 
 
