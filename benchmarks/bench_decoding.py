@@ -9,7 +9,7 @@ catalogue answer from `iamrec.data.encode_answers` (title + EOS). Without `data/
 (`make data-ml100k`) it falls back to synthetic titles and histories.
 
 Both paths decode the same batches, alternating, and the script checks that they return identical beams
-(tokens, order, items; scores within 1e-4). Prints users/s for each and the ratio; `--dense` also times
+(tokens, order, items; scores within 1e-3, see SCORE_ATOL; the largest gap is printed). Prints users/s for each and the ratio; `--dense` also times
 the fast path with HF's whole-vocabulary scoring (`sparse=False, head_chunk=None`) in the same run;
 `--profile` adds a cProfile summary of the fast path.
 """
@@ -78,8 +78,17 @@ def left_pad(rows: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, mask, seg
 
 
-def same_beams(a, b, atol: float = 1e-4, a_rows: range | None = None) -> bool:
-    """Whether `b`'s prompts got the same beams as rows `a_rows` of `a` (default: all rows, same order)."""
+# Scores are sums of up to 31 float32 log-probs. HF's log-softmax sums 49,152 exponentials in its own
+# (vectorised, sequential) order, the sparse path in torch.sum's: about 7e-6 apart per step, ~1.5e-4 per
+# answer on SmolLM2, always the same sign. Tokens, order and items must match exactly.
+SCORE_ATOL = 1e-3
+
+
+def same_beams(a, b, atol: float = SCORE_ATOL, a_rows: range | None = None) -> bool:
+    """Whether `b`'s prompts got the same beams as rows `a_rows` of `a` (default: all rows, same order).
+
+    Same answers (tokens), order and items, and scores within `atol`.
+    """
     a_rows = a_rows or range(a.scores.shape[0])
     k = a.scores.shape[1]
     for j, i in enumerate(a_rows):
@@ -89,6 +98,13 @@ def same_beams(a, b, atol: float = 1e-4, a_rows: range | None = None) -> bool:
             return False
     rows = torch.tensor(list(a_rows), device=a.scores.device)
     return bool(torch.allclose(a.scores[rows], b.scores, atol=atol, rtol=0))
+
+
+def score_gap(a, b, a_rows: range | None = None) -> float:
+    """Largest score difference between `b` and rows `a_rows` of `a`, over the non-placeholder slots."""
+    rows = torch.tensor(list(a_rows or range(a.scores.shape[0])), device=a.scores.device)
+    real = (a.scores[rows] > -1e8) & (b.scores > -1e8)
+    return float((a.scores[rows] - b.scores).abs()[real].max()) if bool(real.any()) else 0.0
 
 
 def main() -> None:
@@ -157,7 +173,7 @@ def main() -> None:
     )
 
     fast_s = ref_s = per_beam_s = dense_s = 0.0
-    identical, steps, hits, filler = True, [], 0, 0
+    identical, steps, hits, filler, gap = True, [], 0, 0, 0.0
     for i, (ids, mask, seg) in enumerate(batches):
         t = time.perf_counter()
         fast = constrained_beam_search(model, ids, mask, seg, trie, args.beams)
@@ -191,6 +207,7 @@ def main() -> None:
                 )
                 ref = reference_beam_search(model, r_ids, r_mask, r_seg, trie, args.beams, table=table)
                 same &= same_beams(fast, ref, a_rows=range(j, min(j + rb, len(users))))
+                gap = max(gap, score_gap(fast, ref, a_rows=range(j, min(j + rb, len(users)))))
             ref_s += time.perf_counter() - t
             identical &= same
             line += f" | reference {time.perf_counter() - t:6.1f}s | identical beams: {same}"
@@ -211,7 +228,10 @@ def main() -> None:
         print(
             f"reference:  {n / ref_s:.3f} users/s  ({ref_s:.1f}s)  [HF generate + prefix_allowed_tokens_fn]"
         )
-        print(f"speed-up:   {ref_s / fast_s:.2f}x   identical beams on every batch: {identical}")
+        print(
+            f"speed-up:   {ref_s / fast_s:.2f}x   identical beams on every batch: {identical} "
+            f"(largest score gap {gap:.1e})"
+        )
     print(f"HR@{args.beams} of these users: {hits}/{n}")
     print(
         f"placeholder slots (HF's filler beams, score ~ -1e9, when fewer than {args.beams} answers finish): "

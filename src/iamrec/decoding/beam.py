@@ -24,7 +24,7 @@ What the fast path does differently (only cost, never the result):
   dict, as ``prefix_allowed_tokens_fn`` does), and only those pairs get ``logit - logsumexp``; no
   vocabulary-wide log-softmax, mask or sum (``sparse=False`` runs HF's way, `_dense_top`);
 * **the LM head in vocabulary slices on CPU** (`_Head`): the same product, faster while each slice's
-  weights stay in cache, with the log-sum-exp taken slice by slice;
+  weights stay in cache, with the log-softmax normaliser reduced slice by slice;
 * **settled prompts leave the batch**: a prompt whose ``K`` result slots hold real finished answers and
   that can no longer change (see `_settled`) is written out and its rows are dropped from the cache, so
   a batch only computes the prompts still searching.
@@ -149,15 +149,22 @@ def _forward(model: nn.Module, cache, **kwargs) -> tuple[torch.Tensor, Any]:
     return out.last_hidden_state[:, -1], cache
 
 
+def _normaliser(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max, log(sum(exp(logits - max))))`` per row: log-softmax is ``(logits - max) - log_sum``."""
+    row_max = logits.amax(dim=-1)
+    return row_max, torch.exp(logits - row_max[:, None]).sum(dim=-1).log()
+
+
 class _Head:
-    """The LM head for the search: float32 logits ``(R, V)`` of the last positions, and their log-sum-exp.
+    """The LM head for the search: float32 logits ``(R, V)`` of the last positions and, on request, their
+    log-softmax normaliser (`_normaliser`).
 
     With ``chunk`` set, a float32, bias-free ``nn.Linear`` head on CPU writes its product one slice of
     ``chunk`` vocabulary rows at a time into a buffer reused across steps (the same values, bit for bit),
-    and takes each slice's log-sum-exp while the slice is still in cache. One ``(320, 576) x (576, 49152)``
-    product runs at ~80-95 GFLOP/s on the 2-core dev CPU, because the 113 MB weight does not stay in
-    cache; 2,048-row slices at ~95-115, and the log-sum-exp costs ~40 ms instead of ~70. Anything else
-    calls the head module as HF does (``head(hidden).float()``). The logits are overwritten by the next call.
+    and reduces each slice for the normaliser while the slice is still in cache. One
+    ``(320, 576) x (576, 49152)`` product runs at ~80-95 GFLOP/s on the 2-core dev CPU, because the 113 MB
+    weight does not stay in cache; 2,048-row slices at ~95-115. Anything else calls the head module as HF
+    does (``head(hidden).float()``). The logits are overwritten by the next call.
     """
 
     def __init__(self, model: nn.Module, chunk: int | None):
@@ -166,22 +173,30 @@ class _Head:
         self.chunk = chunk if plain and self.module.weight.dtype == torch.float32 else None
         self._buffer: torch.Tensor | None = None
 
-    def __call__(self, hidden: torch.Tensor, lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(logits (R, V), their logsumexp (R,) or None)`` for ``hidden (R, H)``."""
+    def __call__(
+        self, hidden: torch.Tensor, normalise: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``(logits (R, V), their (max, log_sum) or None)`` for ``hidden (R, H)``."""
         if self.chunk is None or hidden.device.type != "cpu" or hidden.dtype != torch.float32:
             logits = self.module(hidden).float()
-            return logits, (torch.logsumexp(logits, dim=-1) if lse else None)
+            return logits, (_normaliser(logits) if normalise else None)
         weight = self.module.weight  # (V, H)
         r, v = hidden.shape[0], weight.shape[0]
         if self._buffer is None or self._buffer.shape[0] < r:
             self._buffer = hidden.new_empty(r, v)
-        logits, hidden, parts = self._buffer[:r], hidden.contiguous(), []
+        logits, hidden, maxes, sums = self._buffer[:r], hidden.contiguous(), [], []
         for start in range(0, v, self.chunk):
             part = logits[:, start : start + self.chunk]
             torch.mm(hidden, weight[start : start + self.chunk].t(), out=part)
-            if lse:
-                parts.append(torch.logsumexp(part, dim=-1))
-        return logits, (torch.logsumexp(torch.stack(parts, dim=-1), dim=-1) if lse else None)
+            if normalise:  # per slice: its max and sum(exp(part - max)), combined below
+                maxes.append(part.amax(dim=-1))
+                sums.append(torch.exp(part - maxes[-1][:, None]).sum(dim=-1))
+        if not normalise:
+            return logits, None
+        slice_max, slice_sum = torch.stack(maxes, dim=-1), torch.stack(sums, dim=-1)  # (R, slices)
+        row_max = slice_max.amax(dim=-1)
+        log_sum = (slice_sum * torch.exp(slice_max - row_max[:, None])).sum(dim=-1).log()
+        return logits, (row_max, log_sum)
 
 
 def _dense_top(
@@ -207,12 +222,18 @@ def _dense_top(
 
 
 def _sparse_top(
-    logits: torch.Tensor, lse: torch.Tensor, nodes: torch.Tensor, run_scores: torch.Tensor, trie: TitleTrie
+    logits: torch.Tensor,
+    normaliser: tuple[torch.Tensor, torch.Tensor],
+    nodes: torch.Tensor,
+    run_scores: torch.Tensor,
+    trie: TitleTrie,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_dense_top` with the log-probs of the trie's allowed ``(row, token)`` pairs only.
 
-    A disallowed continuation scores -inf in `_dense_top`, so only the allowed pairs need a log-prob
-    (``logit - logsumexp``); they are written into a ``(B', K * V)`` canvas of -inf and the same top
+    A disallowed continuation scores -inf in `_dense_top`, so only the allowed pairs need a log-prob,
+    ``(logit - max) - log_sum`` with `normaliser` = ``(max, log_sum)`` (`_normaliser`: log-softmax's
+    order of operations; its float32 sum of 49,152 exponentials runs in another order than HF's kernel,
+    ~7e-6 apart per step on SmolLM2); they are written into a ``(B', K * V)`` canvas of -inf and the same top
     ``2K`` runs on it. The canvas stays (rather than a top-k over the pairs alone) because deep in the
     trie a prompt's beams have fewer than ``2K`` live continuations, and HF then picks placeholder
     candidates (score about -1e9, many equal) in the tie order of its dense top-k; the same call on the
@@ -223,7 +244,8 @@ def _sparse_top(
     rows, tokens = trie.allowed_edges(nodes.view(-1))  # (S,) each
     lone = (torch.bincount(rows, minlength=b * k) == 0).nonzero().view(-1)  # complete / off-trie rows
     rows, tokens = torch.cat([rows, lone]), torch.cat([tokens, torch.full_like(lone, eos)])  # EOS only
-    pair_scores = logits[rows, tokens] - lse[rows] + run_scores.view(-1)[rows]  # (S,)
+    row_max, log_sum = normaliser
+    pair_scores = (logits[rows, tokens] - row_max[rows]) - log_sum[rows] + run_scores.view(-1)[rows]  # (S,)
     scores = logits.new_full((b, k * v), float("-inf"))
     scores.view(-1)[rows * v + tokens] = pair_scores  # row r = prompt r // K, beam r % K
     return torch.topk(scores, k=2 * k)
@@ -283,9 +305,9 @@ def constrained_beam_search(
     hidden, cache = _forward(
         model, None, input_ids=input_ids, attention_mask=mask, position_ids=positions, segment_ids=segment_ids
     )
-    logits, lse = head(hidden, lse=sparse)
+    logits, norm = head(hidden, normalise=sparse)
     logits = logits.repeat_interleave(K, 0)  # (B*K, V)
-    lse = lse.repeat_interleave(K, 0) if sparse else None  # (B*K,)
+    norm = tuple(x.repeat_interleave(K, 0) for x in norm) if sparse else None  # 2 x (B*K,)
     if shared_prompt:
         cache = SharedPromptCache(cache, capacity=T)
         slot_kind, context_visible = item_state(model)
@@ -316,7 +338,7 @@ def constrained_beam_search(
         # a-b. the top 2K continuations over all beams, restricted to the trie (HF:
         # PrefixConstrainedLogitsProcessor, then _get_top_k_continuations)
         if sparse:
-            top_scores, top_idx = _sparse_top(logits, lse, nodes, run_scores, trie)
+            top_scores, top_idx = _sparse_top(logits, norm, nodes, run_scores, trie)
         else:
             top_scores, top_idx = _dense_top(logits, nodes, run_scores, trie)
         parent, token = top_idx // V, top_idx % V
@@ -402,7 +424,7 @@ def constrained_beam_search(
             if rows_mask is not None:
                 step_mask = torch.cat([rows_mask, rows_mask.new_ones(rows_mask.shape[0], t + 1)], dim=1)
             hidden, cache = _forward(model, cache, attention_mask=step_mask, segment_ids=rows_seg, **step)
-        logits, lse = head(hidden, lse=sparse)
+        logits, norm = head(hidden, normalise=sparse)
         steps += 1
     return _result(trie, out_tokens, out_scores, steps)
 
