@@ -306,3 +306,32 @@ def test_methods_restrict_what_runs(workspace: Path) -> None:
         rp.reproduce(
             "table2", ["ml100k"], [0], "small", root=workspace / "runs", dry_run=True, methods=["foo"]
         )
+
+
+def test_ablation_reuses_finished_table2_cells_of_the_same_settings(workspace: Path, monkeypatch) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(rp.subprocess, "run", _fake_stages(calls))
+    runs = workspace / "runs"
+    rp.reproduce("table2", ["ml100k"], [0], "small", root=runs / "table2", methods=["iam", "causal"])
+    calls.clear()
+    methods = ["causal", "iam", "hatllm", "split"]
+    plan_text = rp.reproduce(
+        "ablation", ["ml100k"], [0], "small", root=runs / "ablation", dry_run=True, methods=methods
+    )
+    assert f"ml100k/iam seed0: same settings as {runs / 'table2/ml100k/iam/seed0'} (finished)" in plan_text
+    assert "ml100k/hatllm seed0: run" in plan_text  # not finished in table2: trained here
+    rp.reproduce(
+        "ablation", ["ml100k"], [0], "small", root=runs / "ablation", out=workspace / "abl", methods=methods
+    )
+    trained = sorted(next(a for a in c if a.startswith("--config=configs/ablation")) for c in calls)
+    assert trained == 2 * ["--config=configs/ablation/ml100k/hatllm.yaml"] + 2 * [
+        "--config=configs/ablation/ml100k/split.yaml"
+    ]  # fit + test each; causal and iam not trained
+    for method in ("causal", "iam"):
+        done = json.loads((runs / "ablation/ml100k" / method / "seed0/DONE").read_text())
+        assert done["reused_from"] == str(runs / "table2/ml100k" / method / "seed0")
+        assert (runs / "ablation/ml100k" / method / "seed0/test_metrics.json").read_text() == (
+            runs / "table2/ml100k" / method / "seed0/test_metrics.json"
+        ).read_text()
+    # another profile's twin is not reused
+    assert rp.twin_run(Cell("ablation", "ml100k", "iam"), 0, runs / "ablation", PROFILES["cpu"]) is None

@@ -21,6 +21,9 @@ Each cell x seed runs in `<root>/<dataset>/<method>/seed<k>/` (the layout `iamre
 The run's `test_metrics.json` and `predictions.parquet` are copied up into the seed folder, then a `DONE`
 marker (JSON: profile, commands, seconds) is written. A rerun skips seeds with `DONE`; an interrupted fit
 resumes from `checkpoints/last.ckpt` (`--ckpt_path last`); a finished fit (`FIT_DONE`) is not redone.
+A cell whose settings equal a finished cell of the other table (`causal`, `iam` and `hatllm` are in both
+Table 2 and the ablation: same resolved config, profile and seed, sibling root `<root>/../<other table>`)
+is not trained again: its results are copied and its `DONE` names the run they came from (`reused_from`).
 Cells whose processed data or backbone are absent are not errors: they get a `MISSING` marker and are
 listed in the report with the command that would provide them.
 """
@@ -295,6 +298,31 @@ def run_seed(cell: Cell, seed: int, root: Path, profile: Profile) -> None:
     (run_dir / "DONE").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def twin_run(cell: Cell, seed: int, root: Path, profile: Profile) -> Path | None:
+    """A finished run of the same settings in another table (sibling root `root.parent / <table>`), or None."""
+    for table, methods in TABLES.items():
+        twin = Cell(table, cell.dataset, cell.method)
+        if table == cell.table or cell.method not in methods or not twin.config.is_file():
+            continue
+        run_dir = twin.run_dir(Path(root).parent / table, seed)
+        if not is_done(run_dir) or json.loads((run_dir / "DONE").read_text()).get("profile") != profile.name:
+            continue
+        if twin.configs[:-1] == cell.configs[:-1] and resolved_config(twin, profile) == resolved_config(
+            cell, profile
+        ):
+            return run_dir
+    return None
+
+
+def reuse_seed(run_dir: Path, twin: Path) -> None:
+    """Copy a finished twin run's outputs into `run_dir` and mark it DONE with where they came from."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("test_metrics.json", "predictions.parquet"):
+        shutil.copy2(twin / name, run_dir / name)
+    record = {**json.loads((twin / "DONE").read_text()), "reused_from": str(twin)}
+    (run_dir / "DONE").write_text(json.dumps(record, indent=2) + "\n")
+
+
 def _check_profile(run_dir: Path, profile: Profile) -> None:
     done = run_dir / "DONE"
     if done.is_file() and json.loads(done.read_text() or "{}").get("profile", profile.name) != profile.name:
@@ -355,6 +383,13 @@ def reproduce(
                 lines.append(f"{cell.name} seed{seed}: done, skipped")
                 if not dry_run:
                     print(lines[-1], flush=True)
+                continue
+            twin = twin_run(cell, seed, root, prof)
+            if twin is not None:
+                lines.append(f"{cell.name} seed{seed}: same settings as {twin} (finished): results reused")
+                if not dry_run:
+                    print(lines[-1], flush=True)
+                    reuse_seed(run_dir, twin)
                 continue
             state = "resume" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "run"
             block = [f"{cell.name} seed{seed}: {state}"]
