@@ -307,9 +307,7 @@ def twin_run(cell: Cell, seed: int, root: Path, profile: Profile) -> Path | None
         run_dir = twin.run_dir(Path(root).parent / table, seed)
         if not is_done(run_dir) or json.loads((run_dir / "DONE").read_text()).get("profile") != profile.name:
             continue
-        if twin.configs[:-1] == cell.configs[:-1] and resolved_config(twin, profile) == resolved_config(
-            cell, profile
-        ):
+        if resolved_config(twin, profile) == resolved_config(cell, profile):
             return run_dir
     return None
 

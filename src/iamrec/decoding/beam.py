@@ -21,7 +21,7 @@ What the fast path does differently (only cost, never the result):
   schedules) and the model's own attention runs; both are tested against HF;
 * **log-probs of the allowed tokens only** (`_sparse_top`): ``TitleTrie.allowed_edges`` lists the
   allowed ``(beam, token)`` pairs of all ``R`` beams at once (no Python call per beam that walks a
-  dict, as ``prefix_allowed_tokens_fn`` does), and only those pairs get ``logit - logsumexp``; no
+  dict, as ``prefix_allowed_tokens_fn`` does), and only those pairs get a log-prob; no
   vocabulary-wide log-softmax, mask or sum (``sparse=False`` runs HF's way, `_dense_top`);
 * **the LM head in vocabulary slices on CPU** (`_Head`): the same product, faster while each slice's
   weights stay in cache, with the log-softmax normaliser reduced slice by slice;
@@ -199,6 +199,15 @@ class _Head:
         return logits, (row_max, log_sum)
 
 
+def _continuations(nodes: torch.Tensor, trie: TitleTrie) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (beam row, token) pairs a beam may continue with: its trie children; a complete or off-trie
+    beam (no children) may only repeat EOS, as with HF's ``prefix_allowed_tokens_fn``."""
+    flat = nodes.reshape(-1)
+    rows, tokens = trie.allowed_edges(flat)
+    dead = (torch.bincount(rows, minlength=flat.numel()) == 0).nonzero().view(-1)
+    return torch.cat([rows, dead]), torch.cat([tokens, torch.full_like(dead, trie.eos_token_id)])
+
+
 def _dense_top(
     logits: torch.Tensor, nodes: torch.Tensor, run_scores: torch.Tensor, trie: TitleTrie
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,10 +217,11 @@ def _dense_top(
     the top ``2K`` over all ``K * V`` continuations (HF: _get_top_k_continuations).
     """
     b, k = run_scores.shape
-    v, eos = trie.vocab_size, trie.eos_token_id
+    v = trie.vocab_size
     log_probs = nn.functional.log_softmax(logits, dim=-1)  # (R, V)
-    allowed = trie.allowed_mask(nodes.view(-1))  # (R, V)
-    allowed[~allowed.any(-1), eos] = True  # complete / off-trie beams may only repeat EOS
+    rows, tokens = _continuations(nodes, trie)
+    allowed = torch.zeros_like(log_probs, dtype=torch.bool)
+    allowed[rows, tokens] = True
     log_probs.masked_fill_(~allowed, float("-inf"))  # log_probs is log_softmax's fresh tensor
     unsatisfiable = log_probs.amax(-1).isneginf().view(b, k).all(-1)  # (B',)
     if unsatisfiable.any():  # HF then forces the allowed tokens with score 0
@@ -240,10 +250,8 @@ def _sparse_top(
     same layout picks the same ones. What goes away is the vocabulary-wide log-softmax, mask and sums.
     """
     b, k = run_scores.shape
-    v, eos = trie.vocab_size, trie.eos_token_id
-    rows, tokens = trie.allowed_edges(nodes.view(-1))  # (S,) each
-    lone = (torch.bincount(rows, minlength=b * k) == 0).nonzero().view(-1)  # complete / off-trie rows
-    rows, tokens = torch.cat([rows, lone]), torch.cat([tokens, torch.full_like(lone, eos)])  # EOS only
+    v = trie.vocab_size
+    rows, tokens = _continuations(nodes, trie)  # (S,) each
     row_max, log_sum = normaliser
     pair_scores = (logits[rows, tokens] - row_max[rows]) - log_sum[rows] + run_scores.view(-1)[rows]  # (S,)
     scores = logits.new_full((b, k * v), float("-inf"))
