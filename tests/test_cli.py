@@ -70,7 +70,7 @@ def test_fit_then_test_writes_metrics_and_predictions(processed_dir, tmp_path):
     from iamrec.lit_module import IAMRecModule
 
     module = IAMRecModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    assert module.hparams.schedule == "iam"
+    assert module.hparams.attention["schedule"] == "iam"
 
 
 def test_killed_fit_resumes_from_last_and_finishes_the_same_steps(processed_dir, tmp_path):
@@ -98,7 +98,7 @@ def test_bf16_mixed_with_bf16_base_and_fp32_adapters(processed_dir, tmp_path):
     extra = [
         "--trainer.precision=bf16-mixed",
         "--model.model_dtype=bfloat16",
-        "--model.lora=true",
+        "--model.lora.r=8",
         "--trainer.max_steps=2",
         "--model.warmup_steps=1",
     ]
@@ -145,7 +145,11 @@ def test_ddp_two_processes_equal_one_process(processed_dir, tmp_path):
     "extra,message",
     [
         (["--data.data_dir=/nonexistent/ml100k"], "/nonexistent/ml100k"),
-        (["--model.schedule=[intra,inter]"], "model.schedule lists 2 layers but the backbone has 4"),
+        (
+            ["--model.attention.schedule=[intra,inter]"],
+            "model.attention.schedule lists 2 layers but the backbone has 4",
+        ),
+        (["--model.attention.schedule=alternate"], "attention.schedule='alternate' is not a preset"),
         (["--model.backbone=Qwen/Qwen2.5-0.5B-Instruct"], "hub is not reachable"),
     ],
 )
@@ -196,7 +200,7 @@ def test_fsdp_full_finetuning_on_gpu(processed_dir, tmp_path):
         "--trainer.accelerator=gpu",
         "--trainer.strategy=fsdp",
         f"--trainer.devices={torch.cuda.device_count()}",
-        "--model.lora=false",
+        "--model.lora=null",
         "--trainer.precision=bf16-mixed",
         "--trainer.max_steps=2",
         "--model.warmup_steps=1",

@@ -18,7 +18,7 @@ TITLES = ["Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)", "Copycat 
 
 
 def write_dataset(root: Path, samples: pd.DataFrame | None = None, items: pd.DataFrame | None = None) -> Path:
-    """A processed dataset in the data contract's layout (DESIGN.md §3)."""
+    """A processed dataset in the processed-data contract's layout (data_prep/common.py)."""
     root.mkdir(parents=True, exist_ok=True)
     if items is None:
         items = pd.DataFrame({"item_id": np.arange(len(TITLES), dtype=np.int64), "title": TITLES})
@@ -93,6 +93,35 @@ def test_subsets_are_seeded_and_deterministic(data_dir):
     v = rows("valid", max_eval_samples=2)
     assert len(v) == 2 and v == rows("valid", max_eval_samples=2)
     assert len(rows("test", max_eval_samples=99)) == 5
+
+
+def test_one_eval_subset_rule_for_every_method(processed_dir, tmp_path):
+    """`eval_subset_rows` is the subset the LLM data module, SASRec and most-popular all score."""
+    from iamrec.baselines.popular import evaluate_popular
+    from iamrec.baselines.sasrec import SASRecDataModule
+    from iamrec.data import eval_subset_rows, load_samples
+
+    samples = load_samples(processed_dir)
+    for split, n, seed in (("test", 5, 0), ("test", 5, 3), ("valid", 4, 1)):
+        rows = eval_subset_rows(processed_dir, split, n, seed)
+        assert len(rows) == n and rows.tolist() == sorted(rows.tolist())
+        assert (samples.split[rows] == split).all()
+        assert rows.tolist() == eval_subset_rows(samples, split, n, seed).tolist()  # folder or Samples
+        llm = IAMDataModule(str(processed_dir), "tiny", max_eval_samples=n, seed=seed)
+        llm.setup("validate" if split == "valid" else "test")
+        sasrec = SASRecDataModule(str(processed_dir), max_eval_samples=n, seed=seed)
+        sasrec.setup("fit")
+        assert llm.datasets[split].rows.tolist() == rows.tolist()
+        assert sasrec.datasets[split].sample_index.tolist() == rows.tolist()
+    # None keeps the whole split
+    assert eval_subset_rows(samples, "test", None, 0).tolist() == samples.rows("test").tolist()
+    rows = eval_subset_rows(processed_dir, "test", 5, 0)
+    evaluate_popular(processed_dir, "test", sample_indices=rows, out_dir=tmp_path / "popular")
+    popular = pd.read_parquet(tmp_path / "popular" / "predictions.parquet")
+    assert popular["sample_index"].tolist() == rows.tolist()
+    assert popular["user_id"].tolist() == samples.user_id[rows].tolist()
+    with pytest.raises(ValueError, match="split must be one of"):
+        eval_subset_rows(samples, "train", 5, 0)
 
 
 def test_training_shuffle_is_seeded(data_dir):

@@ -1,4 +1,4 @@
-"""HR@K / NDCG@K / invalid-rate metrics against hand-computed values, and their distributed merging."""
+"""HR@K / NDCG@K metrics against hand-computed values, and their distributed merging."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from iamrec.metrics import InvalidOutputRate, RankingMetrics, expand_title_beams, rank_of_target
+from iamrec.metrics import RankingMetrics, expand_title_beams, rank_of_target
 
 # Five users: ranks 0, 2, absent, 9, 4.
 RANKS = [0, 2, -1, 9, 4]
@@ -102,19 +102,6 @@ def test_simulated_ddp_sync_equals_single_metric() -> None:
         m.dist_sync_fn = make_gather(states[rank])
         _assert_expected(m.compute())
         assert int(m.users) == len(shards[rank])  # local state restored after the synced compute
-
-
-def test_invalid_output_rate_and_merge() -> None:
-    a, b = InvalidOutputRate(), InvalidOutputRate()
-    a.update(1, 4)
-    b.update(torch.tensor(2), torch.tensor(4))
-    a.merge_state(b)
-    assert a.compute() == 3 / 8
-    c = InvalidOutputRate()
-    c.update(1, 4)
-    assert c.compute() == 0.25
-    with pytest.raises(ValueError):
-        a.update(5, 4)
 
 
 def test_expand_title_beams_and_rank_of_target() -> None:

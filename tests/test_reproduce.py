@@ -1,4 +1,4 @@
-"""`python -m iamrec.reproduce`: cell planning, profile overrides, skip/resume with DONE markers, missing
+"""`python -m iamrec.reproduce`: cell planning, profile overlays, skip/resume with DONE markers, missing
 cells, the popular baseline on the LLM's test rows, and every table config parsing through the real CLIs.
 
 No model is trained: the stage subprocesses are replaced by a fake that writes what `iamrec test` writes.
@@ -17,6 +17,7 @@ import yaml
 
 from iamrec import reproduce as rp
 from iamrec.reproduce import PROFILES, TABLES, Cell, Profile, plan, stage_commands
+from iamrec.run_folder import is_done
 
 REPO = Path(__file__).resolve().parents[1]
 CELLS = [Cell(t, d, m) for t in TABLES for d in rp.DATASETS for m in TABLES[t]]
@@ -61,21 +62,25 @@ def test_cell_configs_state_their_schedule_and_carry_the_header(in_repo) -> None
             len(measured) == 1 and measured[0].startswith("# Measured (") and "profile " in measured[0]
         ), cell.config
         if cell.kind == "llm":
-            assert yaml.safe_load(text) == {"model": {"schedule": cell.method}}
+            assert yaml.safe_load(text) == {"model": {"attention": {"schedule": cell.method}}}
 
 
-def test_profile_overrides_and_commands(in_repo, tmp_path: Path) -> None:
+def test_profile_overlays_and_commands(in_repo, tmp_path: Path) -> None:
     iam, sasrec = Cell("table2", "ml100k", "iam"), Cell("table2", "ml100k", "sasrec")
     (fit, fit_argv), (test, test_argv) = stage_commands(iam, 1, tmp_path, PROFILES["cpu"])
     assert (fit, test) == ("fit", "test")
-    assert fit_argv[:5] == [sys.executable, "-m", "iamrec.cli", "fit", "--config=configs/ml100k.yaml"]
-    for arg in ("--trainer.max_steps=64", "--data.max_train_samples=512", "--data.max_eval_samples=80"):
-        assert arg in fit_argv and arg in test_argv
+    configs = [
+        "--config=configs/ml100k.yaml",
+        "--config=configs/table2/ml100k/iam.yaml",
+        "--config=configs/profiles/cpu.yaml",  # the profile's overlay comes last
+    ]
+    assert fit_argv[:7] == [sys.executable, "-m", "iamrec.cli", "fit", *configs]
+    assert test_argv[:7] == [sys.executable, "-m", "iamrec.cli", "test", *configs]
     assert "--seed_everything=1" in fit_argv
     assert f"--trainer.default_root_dir={tmp_path}/ml100k/iam/seed1" in fit_argv
     assert "--ckpt_path=last" not in fit_argv and test_argv[-1] == "--ckpt_path=last"
     full_fit = stage_commands(iam, 0, tmp_path, PROFILES["full"])[0][1]
-    assert not any(a.startswith(("--trainer.max_steps", "--data.max")) for a in full_fit)
+    assert not any("profiles" in a for a in full_fit) and full_fit[4:6] == configs[:2]
     # resume: an interrupted fit continues from last.ckpt; SASRec tests its best-validation checkpoint
     ckpts = tmp_path / "ml100k" / "sasrec" / "seed0" / "checkpoints"
     ckpts.mkdir(parents=True)
@@ -83,10 +88,24 @@ def test_profile_overrides_and_commands(in_repo, tmp_path: Path) -> None:
     (ckpts / "best-epoch=7.ckpt").touch()
     (fit_s, fit_argv), (_, test_argv) = stage_commands(sasrec, 0, tmp_path, PROFILES["cpu"])
     assert fit_argv[2] == "iamrec.baselines.sasrec" and fit_argv[-1] == "--ckpt_path=last"
-    assert "--trainer.max_epochs=30" in fit_argv and "--trainer.max_steps=64" not in fit_argv
+    assert fit_argv[4:6] == [
+        "--config=configs/table2/ml100k/sasrec.yaml",
+        "--config=configs/profiles/cpu-sasrec.yaml",
+    ]
     assert test_argv[-1] == f"--ckpt_path={ckpts / 'best-epoch=7.ckpt'}"
     assert stage_commands(Cell("table2", "ml100k", "popular"), 0, tmp_path, PROFILES["cpu"]) == []
     assert rp.display(fit_argv).startswith("python -m iamrec.baselines.sasrec fit --config=")
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a.b.c": value} for every leaf of a nested dict."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def test_resolved_config_equals_the_cli(in_repo, capsys) -> None:
@@ -96,13 +115,74 @@ def test_resolved_config_equals_the_cli(in_repo, capsys) -> None:
     prof = PROFILES["cpu"]
     ours = rp.resolved_config(cell, prof)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *[f"--config={c}" for c in cell.configs], *prof.llm, "--print_config"])
+        main(["fit", *[f"--config={c}" for c in cell.layers(prof)], "--print_config"])
     assert exit_info.value.code in (0, None)
-    cli = yaml.safe_load(capsys.readouterr().out)
-    for section in ("model", "data"):
-        for key, value in ours[section].items():
-            assert cli[section][key] == value, f"{section}.{key}"
-    assert cli["model"]["schedule"] == "stacked" and cli["model"]["backbone"] == rp.CPU_BACKBONE
+    cli = _leaves(yaml.safe_load(capsys.readouterr().out))
+    for key, value in _leaves(ours).items():
+        assert cli[key] == value, key
+    assert cli["model.attention.schedule"] == "stacked"
+    assert cli["model.backbone"] == ".assets/models/SmolLM2-135M-Instruct"  # the cpu overlay's backbone
+
+
+# The cpu profile of a Table 2 cell as it resolved when the profile was a list of CLI flags: the overlays
+# must keep every value (the cell's attention and LoRA keys aside, which the overlays never set).
+CPU_IAM_ML100K = {
+    "seed_everything": 0,
+    "trainer.max_epochs": 1,
+    "trainer.precision": "32-true",
+    "trainer.val_check_interval": 32,
+    "trainer.limit_val_batches": 2,
+    "trainer.log_every_n_steps": 10,
+    "trainer.default_root_dir": "runs/ml100k",
+    "trainer.accelerator": "cpu",
+    "trainer.devices": 1,
+    "trainer.max_steps": 64,
+    "trainer.enable_model_summary": False,
+    "model.backbone": ".assets/models/SmolLM2-135M-Instruct",
+    "model.model_dtype": "float32",
+    "model.lr": 1.0e-3,
+    "model.warmup_steps": 6,
+    "model.num_beams": 20,
+    "data.data_dir": "data/processed/ml100k",
+    "data.max_items": 10,
+    "data.max_length": 256,
+    "data.batch_size": 8,
+    "data.eval_batch_size": 4,
+    "data.bucket_by_length": False,
+    "data.max_train_samples": 512,
+    "data.max_eval_samples": 80,
+}
+CPU_SASREC_ML100K = {
+    "trainer.max_epochs": 30,
+    "trainer.accelerator": "cpu",
+    "trainer.devices": 1,
+    "data.max_eval_samples": 80,
+    "data.full_validation": True,
+    "data.data_dir": "data/processed/ml100k",
+    "data.max_len": 50,
+}
+
+
+def test_cpu_profile_resolves_as_before(in_repo) -> None:
+    resolved = _leaves(rp.resolved_config(Cell("table2", "ml100k", "iam"), PROFILES["cpu"]))
+    resolved = {k: v for k, v in resolved.items() if not k.startswith(("model.attention", "model.lora"))}
+    assert resolved == CPU_IAM_ML100K
+    assert {type(resolved[k]) for k in ("model.lr", "model.warmup_steps")} == {float, int}
+    sasrec = _leaves(rp.resolved_config(Cell("table2", "ml100k", "sasrec"), PROFILES["cpu"]))
+    assert {k: sasrec[k] for k in CPU_SASREC_ML100K} == CPU_SASREC_ML100K
+    # every LLM cell of both tables gets the same cpu settings: only its attention/LoRA keys differ
+    for cell in plan("table2", ["ml100k"]) + plan("ablation", ["ml100k"]):
+        if cell.kind == "llm":
+            leaves = _leaves(rp.resolved_config(cell, PROFILES["cpu"]))
+            assert {k: leaves[k] for k in CPU_IAM_ML100K} == CPU_IAM_ML100K, cell.name
+    # the overlays never choose the method: no attention key (LoRA or full fine-tuning is the profile's,
+    # the same for every LLM cell: `gpu` fine-tunes fully)
+    for overlay in Path("configs/profiles").glob("*.yaml"):
+        model = yaml.safe_load(overlay.read_text()).get("model", {})
+        assert "attention" not in model, overlay
+        assert overlay.read_text().startswith(f"# {overlay.as_posix()} — "), overlay
+    for profile in PROFILES.values():
+        assert all(Path(f).is_file() for f in profile.llm + profile.sasrec), profile.name
 
 
 # ------------------------------------------------------------------------------ running (faked)
@@ -139,9 +219,8 @@ def workspace(processed_dir: Path, tmp_path: Path, monkeypatch) -> Path:
     (tmp_path / "data" / "processed").mkdir(parents=True)
     (tmp_path / "data" / "processed" / "ml100k").symlink_to(processed_dir)
     monkeypatch.setattr(rp, "backbone_available", lambda spec: True)
-    small = Profile(
-        "small", llm=("--data.max_eval_samples=5",), sasrec=("--data.max_eval_samples=5",), about="t"
-    )
+    (tmp_path / "small.yaml").write_text("data:\n  max_eval_samples: 5\n")
+    small = Profile("small", llm=(Path("small.yaml"),), sasrec=(Path("small.yaml"),), about="t")
     monkeypatch.setitem(PROFILES, "small", small)
     return tmp_path
 
@@ -159,7 +238,7 @@ def test_run_skips_finished_and_resumes(workspace: Path, monkeypatch) -> None:
     for method in TABLES["table2"]:
         for seed in (0, 1):
             run_dir = root / "ml100k" / method / f"seed{seed}"
-            assert rp.is_done(run_dir) and (run_dir / "predictions.parquet").is_file()
+            assert is_done(run_dir) and (run_dir / "predictions.parquet").is_file()
             assert json.loads((run_dir / "DONE").read_text())["profile"] == "small"
     report = (workspace / "results" / "table2.md").read_text()
     assert "## ml100k" in report and "| iam | 2 |" in report
@@ -180,7 +259,7 @@ def test_run_skips_finished_and_resumes(workspace: Path, monkeypatch) -> None:
     assert [c[3] for c in calls] == ["fit", "test", "test"]  # causal fit (resumed) + test, iam test only
     assert calls[0][-1] == "--ckpt_path=last" and f"--trainer.default_root_dir={causal}" in calls[0]
     assert f"--trainer.default_root_dir={root / 'ml100k' / 'iam' / 'seed1'}" in calls[2]
-    assert rp.is_done(causal) and rp.is_done(root / "ml100k" / "iam" / "seed1")
+    assert is_done(causal) and is_done(root / "ml100k" / "iam" / "seed1")
     # the copied outputs are the newest test run's
     assert (causal / "test_metrics.json").read_text() == (
         causal / "lightning_logs/version_1/test_metrics.json"
@@ -234,12 +313,12 @@ def test_every_cell_config_parses_through_its_cli(cell: Cell, in_repo, capsys) -
     args = ["fit", *[f"--config={c}" for c in cell.configs]]
     for profile in ("cpu", "full"):
         with pytest.raises(SystemExit) as exit_info:
-            entry([*args, *cell.overrides(PROFILES[profile]), "--print_config"])
+            entry([*args, *[f"--config={c}" for c in cell.overlays(PROFILES[profile])], "--print_config"])
         out = capsys.readouterr()
         assert exit_info.value.code in (0, None), out.err[-2000:]
         config = yaml.safe_load(out.out)
         if cell.kind == "llm":
-            assert config["model"]["schedule"] == cell.method
+            assert config["model"]["attention"]["schedule"] == cell.method
         assert config["data"]["data_dir"] == f"data/processed/{cell.dataset}"
 
 
@@ -292,7 +371,8 @@ def test_update_headers_writes_the_measured_line(tmp_path: Path, monkeypatch) ->
     assert len(measured) == 1 and "profile cpu, seeds 0 1" in measured[0]
     assert "10.5 min per seed" in measured[0]  # (600 + 660) / 2 s
     assert "HR@10 0.1500 ± 0.0707" in measured[0] and "80 test samples" in measured[0]  # sample std
-    assert "model:" in lines and "  schedule: iam" in lines  # the YAML body is kept
+    body = {"model": {"attention": {"schedule": "iam"}}}
+    assert yaml.safe_load(changed[0].read_text()) == body  # the YAML body is kept
     untouched = (tmp_path / "configs/table2/ml100k/causal.yaml").read_text()
     assert untouched == (REPO / "configs/table2/ml100k/causal.yaml").read_text()
 
@@ -302,6 +382,10 @@ def test_methods_restrict_what_runs(workspace: Path) -> None:
         "table2", ["ml100k"], [0], "small", root=workspace / "runs", dry_run=True, methods=["iam"]
     )
     assert "ml100k/iam seed0: run" in plan_text and "ml100k/causal seed0" not in plan_text
+    cpu = rp.reproduce("table2", ["ml100k"], [0], "cpu", root=workspace / "cpu", dry_run=True)
+    assert "    fit: iamrec fit --config=configs/ml100k.yaml --config=configs/table2/ml100k/iam.yaml " in cpu
+    assert cpu.count("--config=configs/profiles/cpu.yaml ") == 6  # fit + test of 3 LLM cells
+    assert cpu.count("--config=configs/profiles/cpu-sasrec.yaml ") == 2
     with pytest.raises(ValueError, match="unknown method"):
         rp.reproduce(
             "table2", ["ml100k"], [0], "small", root=workspace / "runs", dry_run=True, methods=["foo"]
@@ -335,3 +419,91 @@ def test_ablation_reuses_finished_table2_cells_of_the_same_settings(workspace: P
         ).read_text()
     # another profile's twin is not reused
     assert rp.twin_run(Cell("ablation", "ml100k", "iam"), 0, runs / "ablation", PROFILES["cpu"]) is None
+
+
+# ------------------------------------------------------------------ profiles gpu and tiny, time budget
+
+
+def test_gpu_and_tiny_overlays_parse_through_the_clis(in_repo, capsys) -> None:
+    from iamrec.baselines.sasrec import main as sasrec_main
+    from iamrec.cli import main as iamrec_main
+
+    for profile, backbone in (("gpu", ".assets/models/SmolLM2-135M-Instruct"), ("tiny", "tiny")):
+        for cell in (Cell("table2", "ml100k", "iam"), Cell("table2", "ml100k", "sasrec")):
+            entry = sasrec_main if cell.kind == "sasrec" else iamrec_main
+            with pytest.raises(SystemExit) as exit_info:
+                entry(["fit", *[f"--config={c}" for c in cell.layers(PROFILES[profile])], "--print_config"])
+            out = capsys.readouterr()
+            assert exit_info.value.code in (0, None), out.err[-2000:]
+            config = yaml.safe_load(out.out)
+            if cell.kind == "llm":
+                assert (
+                    config["model"]["backbone"] == backbone
+                    and config["model"]["attention"]["schedule"] == "iam"
+                )
+            assert config["data"]["max_eval_samples"] == (None if profile == "gpu" else 6)
+    assert rp.resolved_config(Cell("table2", "ml100k", "iam"), PROFILES["gpu"])["model"]["lora"] is None
+
+
+def test_gpu_dry_run_prints_the_plan_with_its_overlays(workspace: Path, capsys) -> None:
+    rp.main(["table2", "--profile", "gpu", "--seeds", "0", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "# table2, profile gpu (one GPU: full fine-tuning" in out and "root results/runs/gpu/table2" in out
+    assert out.count("--config=configs/profiles/gpu.yaml ") == 6  # fit + test of 3 LLM cells
+    assert out.count("--config=configs/profiles/gpu-sasrec.yaml ") == 2
+    assert not Path("results").exists()  # a dry run writes nothing
+    # reports: results/<profile>/<table>; the committed cpu reports stay at results/<table>
+    assert rp.default_out("gpu", "table2") == Path("results/gpu/table2")
+    assert rp.default_out("cpu", "ablation") == Path("results/ablation")
+    assert rp.default_root("tiny", "table2") == Path("results/runs/tiny/table2")
+
+
+def test_a_failed_cell_seed_does_not_stop_the_others(workspace: Path, monkeypatch) -> None:
+    calls: list[list[str]] = []
+    fake = _fake_stages(calls)
+
+    def run(argv, check=True):
+        if argv[3] == "fit" and "--config=configs/table2/ml100k/hatllm.yaml" in argv:
+            raise subprocess.CalledProcessError(1, argv)
+        return fake(argv, check)
+
+    monkeypatch.setattr(rp.subprocess, "run", run)
+    with pytest.raises(rp.CellFailed, match=r"1 cell-seed\(s\) failed: ml100k/hatllm seed0") as info:
+        rp.reproduce("table2", ["ml100k"], [0], "small", root=workspace / "runs", out=workspace / "t2")
+    assert is_done(workspace / "runs/ml100k/iam/seed0")  # the cell after the failed one ran
+    assert "## Failed" in info.value.report and "| iam | 1 |" in (workspace / "t2.md").read_text()
+
+
+def test_tiny_profile_time_budget_stops_then_a_rerun_continues(workspace: Path, capsys) -> None:
+    """Real runs (tiny backbone, fixture data): --minutes 0 starts nothing but reports what is left; a rerun
+    finishes; a cell-seed whose expected time (its finished seeds' DONE) does not fit is left."""
+    args = ["table2", "--profile", "tiny", "--methods", "popular,iam"]
+    root, report = Path("results/runs/tiny/table2"), Path("results/tiny/table2.md")
+    rp.main([*args, "--seeds", "0", "--minutes", "0"])
+    text = report.read_text()
+    assert "## Left for another sitting" in text and "- ml100k/iam seed0 (the time budget is spent)" in text
+    assert "- ml100k/popular seed0 (the time budget is spent)" in text
+    cont = (
+        "python -m iamrec.reproduce table2 --profile tiny --datasets ml100k --seeds 0 --methods popular,iam"
+    )
+    assert f"Continue (finished cell-seeds are skipped): `{cont} --minutes 0`" in text
+    assert "No finished runs" in text and not any(root.rglob("DONE"))
+    assert "ml100k/iam seed0 (the time budget is spent)" in capsys.readouterr().out  # printed too
+
+    rp.main([*args, "--seeds", "0"])  # the rerun: both cell-seeds run
+    for method in ("popular", "iam"):
+        assert is_done(root / "ml100k" / method / "seed0")
+        assert (root / "ml100k" / method / "seed0" / "predictions.parquet").is_file()
+    text = report.read_text()
+    assert "| iam | 1 |" in text and "| popular | 1 |" in text and "Left for another sitting" not in text
+
+    # expected time from the finished seeds: popular ~1 s fits half a minute, iam's 10 min does not
+    for method, seconds in (("popular", 1), ("iam", 600)):
+        done = root / "ml100k" / method / "seed0" / "DONE"
+        done.write_text(json.dumps({**json.loads(done.read_text()), "seconds": seconds}))
+    rp.main([*args, "--seeds", "0", "1", "--minutes", "0.5"])
+    assert is_done(root / "ml100k/popular/seed1") and not is_done(root / "ml100k/iam/seed1")
+    text = report.read_text()
+    assert "| popular | 2 |" in text and "| iam | 1 |" in text
+    assert "- ml100k/iam seed1 (expected 10.0 min from its finished seeds" in text
+    assert f"`{cont.replace('--seeds 0', '--seeds 0 1')} --minutes 0.5`" in text

@@ -152,3 +152,45 @@ def test_cli_writes_md_csv_png(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     (tmp_path / "empty").mkdir()
     text = build_report(tmp_path / "empty", tmp_path / "o2", {"ml/iam": "cmd"})
     assert "ml/iam" in text
+
+
+def test_run_folder_round_trip(tmp_path: Path, capsys) -> None:
+    """What a test stage writes (`write_test_outputs`) is what reproduce copies up and results reads."""
+    import os
+
+    from iamrec import run_folder as rf
+
+    run = rf.seed_dir(tmp_path, "ml", "iam", 3)
+    assert run == tmp_path / "ml" / "iam" / "seed3"
+    metrics = {**dict(zip(METRICS, RUNS["ml", "iam", 0])), "users": 2, "invalid_rate": 0.0}
+    preds = pd.DataFrame(
+        {
+            "sample_index": [4, 9],
+            "user_id": [1, 2],
+            "target": [7, 8],
+            "rank": [0, -1],
+            "top_items": [[7], [3]],
+        }
+    )
+    for version in (0, 1):  # two test stages; the newer one is copied up
+        out = run / "lightning_logs" / f"version_{version}"
+        rf.write_test_outputs(out, {**metrics, "HR@5": 0.1 * (version + 1)}, preds, method="iam")
+        os.utime(out / rf.METRICS_FILE, (1000 + version, 1000 + version))
+    printed = capsys.readouterr().out
+    assert "iam" in printed and "HR@20" in printed and "NDCG@5" in printed  # K read from the metrics
+    assert rf.latest_test_outputs(run) == run / "lightning_logs" / "version_1"
+    assert not rf.is_done(run) and not rf.has_results(tmp_path / "ml" / "sasrec")
+    rf.copy_test_outputs(rf.latest_test_outputs(run), run)
+    rf.mark_done(run, {"profile": "cpu", "seconds": 1.5})
+    assert rf.is_done(run) and rf.read_done(run) == {"profile": "cpu", "seconds": 1.5}
+    runs = collect_runs(tmp_path)
+    assert runs[["dataset", "method", "seed"]].values.tolist() == [["ml", "iam", 3]]
+    assert runs.loc[0, "HR@5"] == pytest.approx(0.2) and runs.loc[0, "users"] == 2
+    assert rf.read_predictions(run, ["user_id", "rank"]).to_dict("list") == {
+        "user_id": [1, 2],
+        "rank": [0, -1],
+    }
+    with pytest.raises(ValueError, match="user_id"):
+        rf.write_test_outputs(tmp_path / "bad", metrics, preds.drop(columns="user_id"))
+    with pytest.raises(FileNotFoundError, match="no test_metrics.json"):
+        rf.latest_test_outputs(tmp_path / "ml" / "causal")

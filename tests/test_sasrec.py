@@ -13,6 +13,8 @@ import torch
 
 from iamrec.baselines.popular import evaluate_popular, item_popularity, popularity_order
 from iamrec.baselines.sasrec import SASRec, SASRecDataModule, left_pad
+from iamrec.data import DataFileError
+from iamrec.run_folder import PREDICTION_COLUMNS
 
 
 @pytest.fixture(autouse=True)
@@ -79,17 +81,21 @@ def test_evaluate_popular_hand_computed(tmp_path: Path) -> None:
     )
     assert out["NDCG@3"] == pytest.approx((1 / math.log2(3)) / 3)
     preds = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
-    assert preds["rank"].tolist() == [-1, -1, 1]
+    assert list(preds.columns) == list(PREDICTION_COLUMNS)  # the same columns as every method's
+    assert preds["rank"].tolist() == [-1, -1, 1] and preds["sample_index"].tolist() == [5, 6, 7]
+    assert preds["top_items"].map(list).tolist() == [[1, 0, 2]] * 3
     assert json.loads((tmp_path / "run" / "test_metrics.json").read_text())["users"] == 3
     # Excluding history: ranks 4-3=1, 3-2=1, 1-1=0.
-    out = evaluate_popular(data, "test", ks=(1, 3), exclude_history=True)
+    out = evaluate_popular(data, "test", ks=(1, 3), exclude_history=True, out_dir=tmp_path / "run2")
     assert out["HR@1"] == pytest.approx(1 / 3) and out["HR@3"] == 1.0
+    preds = pd.read_parquet(tmp_path / "run2" / "predictions.parquet")
+    assert preds["top_items"].map(list).tolist() == [[4, 3], [2, 4, 3], [0, 2, 3]]
     assert out["NDCG@3"] == pytest.approx((2 / math.log2(3) + 1) / 3)
     assert evaluate_popular(data, "test", ks=(1, 5), max_users=1)["HR@5"] == 1.0  # user 1: rank 4
 
 
 def test_evaluate_popular_missing_dataset_message(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="processed dataset"):
+    with pytest.raises(DataFileError, match="items.parquet is missing; the processed dataset"):
         evaluate_popular(tmp_path)
 
 

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from iamrec.data import IAMDataModule
 from iamrec.lit_module import IAMRecModule
-from iamrec.run_layout import add_run_checkpoint
+from iamrec.run_folder import add_run_checkpoint, format_metrics_table
 
 # Knobs that change only how a trained model is evaluated: with `--ckpt_path FILE` the command line (or
 # config) wins over the checkpoint's saved hyper-parameters, which Lightning otherwise applies on top.
@@ -47,7 +47,6 @@ class IAMRecCLI(LightningCLI):
     def after_test(self) -> None:
         """Print the most-popular baseline on the same test samples beside the model."""
         from iamrec.baselines.popular import evaluate_popular
-        from iamrec.lit_module import format_metrics_table
 
         dm = self.datamodule
         if not self.trainer.is_global_zero or not isinstance(dm, IAMDataModule):

@@ -10,8 +10,8 @@ Notation: B batch, L sequence length, H hidden size, V vocabulary, N target toke
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,34 +20,26 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from iamrec.attention import apply_item_attention, describe
+from iamrec.attention import ItemAttentionConfig, base_model, describe, installed_state
 from iamrec.data import IGNORE_INDEX
 from iamrec.metrics import RankingMetrics, rank_of_target
-from iamrec.model.loading import load_backbone
-
-# predictions.parquet: one row per test sample; top_items = the smallest item id each beam's title names
-# (-1: a title outside the catalogue, impossible with the trie), invalid_beams = such beams of this sample.
-_PREDICTION_COLUMNS = ["sample_index", "user_id", "target", "rank", "top_items", "invalid_beams"]
+from iamrec.model import LoraConfig, build_model
+from iamrec.run_folder import LLM_PREDICTION_COLUMNS, write_test_outputs
 
 
 class IAMRecModule(L.LightningModule):
     """An item-aware LLM recommender (IAM) — or any schedule of attention kinds — trained with LoRA or fully.
 
+    The model is built by `iamrec.model.build_model`; this class adds the loss, the optimiser and the
+    evaluation loop.
+
     Args:
         backbone: Model spec: ``tiny`` (random, tests), a local folder (e.g.
             ``.assets/models/SmolLM2-135M-Instruct`` from ``make assets``) or a hub id.
-        schedule: Preset (``causal``, ``iam``, ``iam_inter_first``, ``split``, ``split_inter_first``,
-            ``stacked``, ``stacked_inter_first``, ``intra_only``, ``inter_only``, ``hatllm``) or one entry
-            per decoder layer (kinds joined by ``+`` for stacked passes).
-        backend: Attention kernel: ``sdpa`` (default), ``eager`` (reference) or ``flex`` (GPU training).
-        context_visible: Every query may also see the CONTEXT tokens (instruction, response header).
-        split_at: Layer at which ``split`` schedules switch kinds (default: half the layers).
-        hatllm_bands: (intra layers, inter layers) of the ``hatllm`` preset (default: a third each).
-        lora: Fine-tune LoRA adapters (True) or all weights (False).
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator.
-        lora_dropout: Dropout on the LoRA path.
-        lora_target_modules: Modules that get adapters (HF names, so peft targets work).
+        attention: Item-aware attention settings (``model.attention.schedule``, ``.backend``,
+            ``.context_visible``, ``.split_at``, ``.hatllm_bands``).
+        lora: LoRA adapters (``model.lora.r``, ``.alpha``, ``.dropout``, ``.target_modules``), or ``null``
+            for full fine-tuning of every weight.
         model_dtype: dtype of the base weights: ``float32`` or ``bfloat16`` (with LoRA the adapters stay
             fp32; pair with ``trainer.precision: bf16-mixed``).
         gradient_checkpointing: Recompute activations in backward (saves memory, costs ~30% time).
@@ -63,16 +55,8 @@ class IAMRecModule(L.LightningModule):
     def __init__(
         self,
         backbone: str = "tiny",
-        schedule: str | list[str] = "iam",
-        backend: Literal["sdpa", "eager", "flex"] = "sdpa",
-        context_visible: bool = True,
-        split_at: int | None = None,
-        hatllm_bands: tuple[int, int] | None = None,
-        lora: bool = True,
-        lora_r: int = 8,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.05,
-        lora_target_modules: list[str] | None = None,
+        attention: ItemAttentionConfig = ItemAttentionConfig(),
+        lora: LoraConfig | None = LoraConfig(),
         model_dtype: Literal["float32", "bfloat16"] = "float32",
         gradient_checkpointing: bool = False,
         lr: float = 2e-4,
@@ -84,26 +68,17 @@ class IAMRecModule(L.LightningModule):
         val_generate: bool = False,
     ) -> None:
         super().__init__()
+        # `load_from_checkpoint` passes the saved hparams back: plain dicts (checkpoints hold no classes).
+        attention = ItemAttentionConfig(**attention) if isinstance(attention, dict) else attention
+        lora = LoraConfig(**lora) if isinstance(lora, dict) else lora
         if num_beams < max(ks):
             raise ValueError(f"model.num_beams={num_beams} must be >= the largest K in model.ks={tuple(ks)}.")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}.")
-        self.save_hyperparameters()
-        self.model = build_model(
-            backbone,
-            schedule,
-            backend,
-            context_visible,
-            split_at,
-            hatllm_bands,
-            lora,
-            lora_r,
-            lora_alpha,
-            lora_dropout,
-            lora_target_modules,
-            model_dtype,
-            gradient_checkpointing,
-        )
+        self.save_hyperparameters(ignore=("attention", "lora"))
+        self.hparams["attention"] = asdict(attention)
+        self.hparams["lora"] = asdict(lora) if lora is not None else None
+        self.model = build_model(backbone, attention, lora, model_dtype, gradient_checkpointing)
         self.ks = tuple(ks)
         self._trie = None
         self._predictions: list[dict[str, Any]] = []
@@ -111,7 +86,8 @@ class IAMRecModule(L.LightningModule):
     # ------------------------------------------------------------------ loss on target tokens only
     @property
     def hf_model(self):
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        """The transformers model (inside the peft wrapper when training LoRA)."""
+        return base_model(self.model)
 
     def target_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hf = self.hf_model
@@ -124,6 +100,12 @@ class IAMRecModule(L.LightningModule):
         where = labels != IGNORE_INDEX  # (B, L-1)
         logits = hf.get_output_embeddings()(hidden[:, :-1][where])  # (N, V) — only target positions
         return F.cross_entropy(logits.float(), labels[where])
+
+    def on_fit_start(self) -> None:
+        # from_pretrained returns an eval-mode model and Lightning keeps the modes it finds at fit start
+        # (restoring them after each validation), so without this the backbone trains in eval mode: no
+        # dropout, LoRA dropout included.
+        self.train()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.target_loss(batch)
@@ -196,7 +178,7 @@ class IAMRecModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         # Metrics from the gathered, de-duplicated predictions of all ranks: the distributed sampler
         # repeats a few samples so every rank gets an equal share, and those must count once.
-        predictions = self._gather(self._predictions, _PREDICTION_COLUMNS)
+        predictions = self._gather(self._predictions, list(LLM_PREDICTION_COLUMNS))
         values: dict[str, Any] = self._ranking(predictions["rank"])
         beams = len(predictions) * self.hparams.num_beams
         values["invalid_rate"] = float(predictions["invalid_beams"].sum() / beams) if beams else 0.0
@@ -204,7 +186,7 @@ class IAMRecModule(L.LightningModule):
         # finish before the beams run out), so a sample's top K can name fewer than K distinct items.
         distinct = predictions["top_items"].map(lambda items: len(set(items) - {-1}))
         values["distinct_items"] = float(distinct.mean()) if len(distinct) else 0.0
-        values["schedule"] = describe(self.hf_model._iam_state.schedule)
+        values["schedule"] = describe(installed_state(self.model).schedule)
         self.log_dict(
             {f"test/{k}": v for k, v in values.items() if isinstance(v, float)}, rank_zero_only=True
         )
@@ -232,7 +214,11 @@ class IAMRecModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # fused: one kernel for all parameters on CUDA (a large share of a 135M full fine-tuning step)
+        fused = all(p.is_cuda for p in params)
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused or None
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = self.hparams.warmup_steps
         warmup = int(warm * total) if 0 < warm < 1 else int(warm)
@@ -270,66 +256,3 @@ class IAMRecModule(L.LightningModule):
                 )
             strict = False
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-
-def build_model(
-    backbone: str,
-    schedule: str | list[str],
-    backend: str,
-    context_visible: bool,
-    split_at: int | None,
-    hatllm_bands: tuple[int, int] | None,
-    lora: bool,
-    lora_r: int,
-    lora_alpha: int,
-    lora_dropout: float,
-    lora_target_modules: list[str] | None,
-    model_dtype: str,
-    gradient_checkpointing: bool,
-):
-    """Backbone -> (LoRA) -> item-aware attention. Plain PyTorch/transformers, no Lightning."""
-    model = load_backbone(
-        backbone, dtype=model_dtype, attn_implementation="eager" if backend == "eager" else "sdpa"
-    )
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]
-        config = LoraConfig(
-            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets
-        )
-        model = get_peft_model(model, config)
-        for p in model.parameters():  # adapters in fp32 even on a bf16 base
-            if p.requires_grad:
-                p.data = p.data.float()
-    apply_item_attention(
-        model, schedule, backend, context_visible, split_at, hatllm_bands, config_key="model.schedule"
-    )
-    return model
-
-
-def write_test_outputs(run_dir: Path, metrics: dict[str, Any], predictions: pd.DataFrame) -> None:
-    """`test_metrics.json`, `predictions.parquet` and a printed table (DESIGN.md §5)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    predictions.to_parquet(run_dir / "predictions.parquet", index=False)
-    print(format_metrics_table({"model": metrics}))
-    if "distinct_items" in metrics and len(predictions):
-        print(
-            f"distinct catalogue items per sample in the top {len(predictions['top_items'].iloc[0])}: "
-            f"{metrics['distinct_items']:.2f} on average (beam search repeats an answer in slots it cannot fill)"
-        )
-    print(f"wrote {run_dir / 'test_metrics.json'} and {run_dir / 'predictions.parquet'}")
-
-
-def format_metrics_table(rows: dict[str, dict[str, Any]], ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
-    """A small fixed-width table: one row per method, HR@K and NDCG@K columns."""
-    cols = [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks]
-    lines = [f"{'method':<14}" + "".join(f"{c:>9}" for c in cols) + f"{'users':>7}"]
-    for name, m in rows.items():
-        cells = "".join(f"{m.get(c, float('nan')):>9.4f}" for c in cols)
-        lines.append(f"{name:<14}{cells}{int(m.get('users', 0)):>7}")
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Top-K ranking metrics (HR@K, NDCG@K) and the invalid-output rate, as torchmetrics metrics.
+"""Top-K ranking metrics (HR@K, NDCG@K) as a torchmetrics metric, and the ranks they are computed from.
 
 Every recommender in iamrec (IAM, the LLM baselines, SASRec, most-popular) reduces its output for one
 evaluated user to a single integer: the 0-based **rank** of the true item in the returned top-K list, or
@@ -93,39 +93,6 @@ class RankingMetrics(Metric):
             out[f"NDCG@{k}"] = float(self.ndcg[i]) / n if n else math.nan
         out["users"] = n
         return out
-
-
-class InvalidOutputRate(Metric):
-    """Share of generated outputs that name no item of the catalogue (``invalid / total``).
-
-    ``update(num_invalid, num_total)`` adds counts (ints or 0-d tensors); ``compute()`` returns a float
-    (NaN when nothing was counted). Summed states make it exact under DDP.
-    """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = False
-
-    invalid: Tensor
-    total: Tensor
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("invalid", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, num_invalid: int | Tensor, num_total: int | Tensor) -> None:
-        """Add ``num_invalid`` invalid outputs out of ``num_total`` outputs."""
-        num_invalid, num_total = int(num_invalid), int(num_total)
-        if not 0 <= num_invalid <= num_total:
-            raise ValueError(f"need 0 <= num_invalid <= num_total; got {num_invalid} and {num_total}.")
-        self.invalid = self.invalid + num_invalid  # out-of-place: see RankingMetrics.update
-        self.total = self.total + num_total
-
-    def compute(self) -> float:
-        """Return the invalid-output rate in [0, 1]."""
-        total = int(self.total)
-        return int(self.invalid) / total if total else math.nan
 
 
 def expand_title_beams(beam_items: Iterable[Iterable[int]]) -> list[int]:

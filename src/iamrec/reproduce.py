@@ -1,25 +1,38 @@
 """Run whole tables: every cell x seed, resumable, then one report (`make reproduce-table2|reproduce-ablation`).
 
-    python -m iamrec.reproduce table2|ablation --profile cpu|full --datasets ml100k,toys --seeds 0 1 2
-        [--methods iam,causal] [--dry-run] [--update-headers] [--root results/runs/<profile>/<table>] [--out results/<table>]
+    python -m iamrec.reproduce table2|ablation --profile cpu|gpu|tiny|full --datasets ml100k,toys --seeds 0 1 2
+        [--methods iam,causal] [--minutes M] [--dry-run] [--update-headers]
+        [--root results/runs/<profile>/<table>] [--out results/<profile>/<table>]
 
 A **cell** is one (dataset, method) of a table; its config is `configs/<table>/<dataset>/<method>.yaml`, a
 small file layered over the dataset's base config `configs/<dataset>.yaml` (LLM cells; LightningCLI merges
-later `--config` files over earlier ones). A **profile** is a list of CLI overrides applied to every cell:
-`cpu` shrinks the run to the demo's size (and the local SmolLM2 backbone) so it finishes on a 2-core CPU,
-`full` adds nothing (the configs are the paper-scale GPU setting).
+later `--config` files over earlier ones). A **profile** is a set of YAML overlays under `configs/profiles/`
+layered last over every cell, one per runner (`<profile>.yaml` over the LLM cells, `<profile>-sasrec.yaml`
+over SASRec's): `cpu` shrinks the runs so they finish on a 2-core CPU (the plumbing check, not the
+paper's scale); `gpu` is the real table on one GPU (full fine-tuning, one epoch, the whole test split);
+`tiny` runs a whole table on any CPU in a minute or two with a random tiny Llama (tests, the session's
+dry run); `full` has no overlay (the configs are the paper-scale GPU setting). A new profile is one
+overlay file per runner plus one entry of `PROFILES`. The report goes to `results/<profile>/<table>.md`,
+`.csv`, `.png` (`cpu`: `results/<table>.*`, as committed), the runs to `results/runs/<profile>/<table>`.
 
-Each cell x seed runs in `<root>/<dataset>/<method>/seed<k>/` (the layout `iamrec.results` reads):
+`--minutes M` is a time budget: no cell-seed is started once M minutes have passed, nor one whose expected
+time (the mean of its cell's finished seeds, from their `DONE` records) does not fit what is left; the
+report lists the cell-seeds left and the command that continues (a rerun skips what is finished). A
+failed cell-seed does not stop the others (exit status 1 after the report); SIGTERM (a time limit
+around the command) stops the running stage and still writes the report.
+
+Each cell x seed runs in `<root>/<dataset>/<method>/seed<k>/` (the run folder of `iamrec.run_folder`, which
+`iamrec.results` reads):
 
 - LLM cells (`causal`, `iam`, `hatllm`, ablation schedules): `iamrec fit`, then `iamrec test --ckpt_path last`
   (subprocesses), `--seed_everything=<k>`, `--trainer.default_root_dir=<seed dir>`;
 - `sasrec`: the same two stages through `python -m iamrec.baselines.sasrec` (its own LightningCLI; the test
   stage loads the best-validation checkpoint);
 - `popular`: `evaluate_popular` in-process on exactly the LLM cells' test subset (same `data.max_eval_samples`
-  and `data.seed`, chosen by the data module's own `subset_rows`).
+  and `data.seed`, chosen by `iamrec.data.eval_subset_rows` as for every method).
 
-The run's `test_metrics.json` and `predictions.parquet` are copied up into the seed folder, then a `DONE`
-marker (JSON: profile, commands, seconds) is written. A rerun skips seeds with `DONE`; an interrupted fit
+The newest test outputs (`test_metrics.json`, `predictions.parquet`) are copied up into the seed folder,
+then a `DONE` marker (JSON: profile, commands, seconds) is written. A rerun skips seeds with `DONE`; an interrupted fit
 resumes from `checkpoints/last.ckpt` (`--ckpt_path last`); a finished fit (`FIT_DONE`) is not redone.
 A cell whose settings equal a finished cell of the other table (`causal`, `iam` and `hatllm` are in both
 Table 2 and the ablation: same resolved config, profile and seed, sibling root `<root>/../<other table>`)
@@ -31,9 +44,9 @@ listed in the report with the command that would provide them.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import shlex
-import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +57,7 @@ from typing import Any
 
 import yaml
 
+from iamrec import run_folder
 from iamrec.attention.schedule import PRESETS
 
 TABLES: dict[str, tuple[str, ...]] = {
@@ -52,54 +66,41 @@ TABLES: dict[str, tuple[str, ...]] = {
 }
 DATASETS: tuple[str, ...] = ("ml100k", "toys", "sports", "beauty")
 CONFIG_ROOT = Path("configs")
-CPU_BACKBONE = ".assets/models/SmolLM2-135M-Instruct"
+PROFILE_ROOT = CONFIG_ROOT / "profiles"
+RUNS_ROOT = Path("results/runs")
 IAMREC = (sys.executable, "-m", "iamrec.cli")
 SASREC = (sys.executable, "-m", "iamrec.baselines.sasrec")
 
 
 @dataclass(frozen=True)
 class Profile:
-    """CLI overrides applied to every cell of a run; `llm` also defines popular's test subset."""
+    """YAML overlays layered last (`--config`) over every cell of a run: `llm` over the LLM cells (it
+    also sets the test subset most-popular scores), `sasrec` over the SASRec cells."""
 
     name: str
-    llm: tuple[str, ...]
-    sasrec: tuple[str, ...]
+    llm: tuple[Path, ...]
+    sasrec: tuple[Path, ...]
     about: str
 
 
 PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         "cpu",
-        llm=(
-            # ~10 min per cell x seed on a 2-core CPU (3 LLM cells x 3 seeds in ~1.5 h): a CPU-only setting,
-            # not the paper's scale; 64 steps x batch 8 is about twice the demo's training samples
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.precision=32-true",
-            "--trainer.max_steps=64",
-            "--trainer.val_check_interval=32",
-            "--trainer.limit_val_batches=2",
-            "--trainer.log_every_n_steps=10",
-            "--trainer.enable_model_summary=false",
-            f"--model.backbone={CPU_BACKBONE}",
-            "--model.model_dtype=float32",
-            "--model.lr=1.0e-3",
-            "--model.warmup_steps=6",
-            "--data.max_length=256",
-            "--data.batch_size=8",
-            "--data.eval_batch_size=4",
-            "--data.bucket_by_length=false",
-            "--data.max_train_samples=512",
-            "--data.max_eval_samples=80",
-        ),
-        sasrec=(
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.max_epochs=30",
-            "--data.max_eval_samples=80",  # the LLM cells' test users (same rows, same data.seed)
-            "--data.full_validation=true",  # early stopping on all 9,905 valid samples, not 80
-        ),
+        llm=(PROFILE_ROOT / "cpu.yaml",),
+        sasrec=(PROFILE_ROOT / "cpu-sasrec.yaml",),
         about="2-core CPU: 64 steps x batch 8 (512 train samples), 80 test samples, SmolLM2-135M",
+    ),
+    "gpu": Profile(
+        "gpu",
+        llm=(PROFILE_ROOT / "gpu.yaml",),
+        sasrec=(PROFILE_ROOT / "gpu-sasrec.yaml",),
+        about="one GPU: full fine-tuning, 1 epoch, whole test split, SmolLM2-135M",
+    ),
+    "tiny": Profile(
+        "tiny",
+        llm=(PROFILE_ROOT / "tiny.yaml",),
+        sasrec=(PROFILE_ROOT / "tiny-sasrec.yaml",),
+        about="any CPU in a minute: random tiny Llama, 4 steps, 6 test samples; the plumbing, not a result",
     ),
     "full": Profile("full", llm=(), sasrec=(), about="paper scale on GPUs: the configs as written"),
 }
@@ -127,16 +128,21 @@ class Cell:
 
     @property
     def configs(self) -> tuple[Path, ...]:
-        """`--config` files in order: the dataset base then the cell (SASRec's cell stands alone)."""
+        """The cell's own `--config` files in order: the dataset base then the cell (SASRec's stands alone)."""
         if self.kind == "sasrec":
             return (self.config,)
         return (CONFIG_ROOT / f"{self.dataset}.yaml", self.config)
 
-    def overrides(self, profile: Profile) -> tuple[str, ...]:
+    def overlays(self, profile: Profile) -> tuple[Path, ...]:
+        """The profile's overlays for this cell's runner."""
         return profile.sasrec if self.kind == "sasrec" else profile.llm
 
+    def layers(self, profile: Profile) -> tuple[Path, ...]:
+        """Every `--config` file of the cell under `profile`, in order: its configs, then the overlays."""
+        return self.configs + self.overlays(profile)
+
     def run_dir(self, root: Path, seed: int) -> Path:
-        return Path(root) / self.dataset / self.method / f"seed{seed}"
+        return run_folder.seed_dir(root, self.dataset, self.method, seed)
 
     @property
     def name(self) -> str:
@@ -167,18 +173,11 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def resolved_config(cell: Cell, profile: Profile) -> dict[str, Any]:
-    """The cell's config files merged in order plus the profile's `--a.b=value` overrides (what the CLI
-    sees, minus its defaults); tested against `--print_config`."""
+    """The cell's config files and the profile's overlays merged in order (what the CLI sees, minus its
+    defaults); tested against `--print_config`."""
     config: dict[str, Any] = {}
-    for path in cell.configs:
-        config = _merge(config, yaml.safe_load(path.read_text()) or {})
-    for item in cell.overrides(profile):
-        key, value = item.removeprefix("--").split("=", 1)
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+    for path in cell.layers(profile):
+        config = _merge(config, yaml.safe_load(Path(path).read_text()) or {})
     return config
 
 
@@ -204,15 +203,15 @@ def missing_inputs(cell: Cell, profile: Profile) -> tuple[str, str] | None:
 
 def backbone_available(spec: str) -> bool:
     """A local folder, `tiny`, a hub id already in the HF cache, or a hub that answers."""
-    from iamrec.model.loading import _hub_reachable, _looks_like_hub_id
+    from iamrec.model.loading import hub_reachable, looks_like_hub_id
 
     if spec == "tiny" or Path(spec).is_dir():
         return True
-    if not _looks_like_hub_id(spec):
+    if not looks_like_hub_id(spec):
         return False
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(spec, "config.json"), str) or _hub_reachable()
+    return isinstance(try_to_load_from_cache(spec, "config.json"), str) or hub_reachable()
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -224,25 +223,23 @@ def stage_commands(cell: Cell, seed: int, root: Path, profile: Profile) -> list[
         return []
     run_dir = cell.run_dir(root, seed)
     entry = SASREC if cell.kind == "sasrec" else IAMREC
-    common = [f"--config={c}" for c in cell.configs] + list(cell.overrides(profile))
+    common = [f"--config={c}" for c in cell.layers(profile)]
     common += [f"--seed_everything={seed}", f"--trainer.default_root_dir={run_dir}"]
     fit = [*entry, "fit", *common]
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+    if run_folder.last_checkpoint(run_dir).is_file():
         fit.append("--ckpt_path=last")  # resume an interrupted fit
-    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt")) if cell.kind == "sasrec" else []
+    best = run_folder.best_checkpoints(run_dir) if cell.kind == "sasrec" else []
     test = [*entry, "test", *common, f"--ckpt_path={best[-1] if best else 'last'}"]
     return [("fit", fit), ("test", test)]  # the order run_seed relies on
 
 
 def popular_rows(cell: Cell, profile: Profile) -> tuple[str, Any]:
-    """(data_dir, test rows of samples.parquet) exactly as `IAMDataModule` picks the LLM's test subset."""
-    from iamrec.data.datamodule import _EVAL_SEED_OFFSET
-    from iamrec.data.dataset import load_items, load_samples, subset_rows
+    """(data_dir, test rows of samples.parquet): the LLM cells' test subset (`eval_subset_rows`)."""
+    from iamrec.data.dataset import eval_subset_rows
 
     data = resolved_config(cell, profile).get("data", {})
     data_dir, seed = data["data_dir"], int(data.get("seed", 0))
-    rows = load_samples(data_dir, len(load_items(data_dir))).rows("test")
-    return data_dir, subset_rows(rows, data.get("max_eval_samples"), seed + _EVAL_SEED_OFFSET["test"])
+    return data_dir, eval_subset_rows(data_dir, "test", data.get("max_eval_samples"), seed)
 
 
 def display(argv: Sequence[str]) -> str:
@@ -253,20 +250,7 @@ def display(argv: Sequence[str]) -> str:
     )
 
 
-def is_done(run_dir: Path) -> bool:
-    return (run_dir / "DONE").is_file() and (run_dir / "test_metrics.json").is_file()
-
-
 # -------------------------------------------------------------------------------------------- running
-
-
-def _latest_test_outputs(run_dir: Path) -> Path:
-    found = sorted(
-        run_dir.glob("lightning_logs/version_*/test_metrics.json"), key=lambda p: p.stat().st_mtime
-    )
-    if not found:
-        raise FileNotFoundError(f"the test stage wrote no test_metrics.json under {run_dir}/lightning_logs.")
-    return found[-1].parent
 
 
 def run_seed(cell: Cell, seed: int, root: Path, profile: Profile) -> None:
@@ -282,20 +266,18 @@ def run_seed(cell: Cell, seed: int, root: Path, profile: Profile) -> None:
         done_cmds.append(f"evaluate_popular({data_dir!r}, test rows: {len(rows)})")
     else:
         for i, stage in enumerate(("fit", "test")):
-            if stage == "fit" and (run_dir / "FIT_DONE").is_file():
+            if stage == "fit" and run_folder.is_fit_done(run_dir):
                 continue
             # built per stage: the test stage names the checkpoint the fit stage just wrote (SASRec's best)
             argv = stage_commands(cell, seed, root, profile)[i][1]
             print(f"[reproduce] {cell.name} seed{seed} {stage}: {display(argv)}", flush=True)
             subprocess.run(argv, check=True)
             if stage == "fit":
-                (run_dir / "FIT_DONE").write_text("")
+                run_folder.mark_fit_done(run_dir)
             done_cmds.append(display(argv))
-        out = _latest_test_outputs(run_dir)
-        for name in ("test_metrics.json", "predictions.parquet"):
-            shutil.copy2(out / name, run_dir / name)
+        run_folder.copy_test_outputs(run_folder.latest_test_outputs(run_dir), run_dir)
     record = {"profile": profile.name, "commands": done_cmds, "seconds": round(time.time() - start, 1)}
-    (run_dir / "DONE").write_text(json.dumps(record, indent=2) + "\n")
+    run_folder.mark_done(run_dir, record)
 
 
 def twin_run(cell: Cell, seed: int, root: Path, profile: Profile) -> Path | None:
@@ -305,7 +287,7 @@ def twin_run(cell: Cell, seed: int, root: Path, profile: Profile) -> Path | None
         if table == cell.table or cell.method not in methods or not twin.config.is_file():
             continue
         run_dir = twin.run_dir(Path(root).parent / table, seed)
-        if not is_done(run_dir) or json.loads((run_dir / "DONE").read_text()).get("profile") != profile.name:
+        if not run_folder.is_done(run_dir) or run_folder.read_done(run_dir).get("profile") != profile.name:
             continue
         if resolved_config(twin, profile) == resolved_config(cell, profile):
             return run_dir
@@ -314,17 +296,78 @@ def twin_run(cell: Cell, seed: int, root: Path, profile: Profile) -> Path | None
 
 def reuse_seed(run_dir: Path, twin: Path) -> None:
     """Copy a finished twin run's outputs into `run_dir` and mark it DONE with where they came from."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("test_metrics.json", "predictions.parquet"):
-        shutil.copy2(twin / name, run_dir / name)
-    record = {**json.loads((twin / "DONE").read_text()), "reused_from": str(twin)}
-    (run_dir / "DONE").write_text(json.dumps(record, indent=2) + "\n")
+    run_folder.copy_test_outputs(twin, run_dir)
+    run_folder.mark_done(run_dir, {**run_folder.read_done(twin), "reused_from": str(twin)})
 
 
 def _check_profile(run_dir: Path, profile: Profile) -> None:
-    done = run_dir / "DONE"
-    if done.is_file() and json.loads(done.read_text() or "{}").get("profile", profile.name) != profile.name:
+    done = run_folder.read_done(run_dir)
+    if done is not None and done.get("profile", profile.name) != profile.name:
         raise ValueError(f"{run_dir} holds a finished run of another profile; use a different --root.")
+
+
+def default_root(profile: str, table: str) -> Path:
+    """``results/runs/<profile>/<table>``: where `reproduce` keeps a table's run folders."""
+    return RUNS_ROOT / profile / table
+
+
+def default_out(profile: str, table: str) -> Path:
+    """The report prefix (``.md``, ``.csv``, ``.png``): ``results/<profile>/<table>``; the committed `cpu`
+    reports stay at ``results/<table>``."""
+    return Path("results") / table if profile == "cpu" else Path("results") / profile / table
+
+
+def command(
+    table: str,
+    profile: str,
+    datasets: Sequence[str],
+    seeds: Sequence[int],
+    methods: Sequence[str] | None = None,
+    root: str | Path | None = None,
+    out: str | Path | None = None,
+    minutes: float | None = None,
+) -> str:
+    """The `python -m iamrec.reproduce` line for these settings (`--root`/`--out` only when not the default)."""
+    parts = [f"python -m iamrec.reproduce {table} --profile {profile} --datasets {','.join(datasets)}"]
+    parts.append(f"--seeds {' '.join(map(str, seeds))}")
+    if methods:
+        parts.append(f"--methods {','.join(methods)}")
+    if root is not None and Path(root) != default_root(profile, table):
+        parts.append(f"--root {root}")
+    if out is not None and Path(out) != default_out(profile, table):
+        parts.append(f"--out {out}")
+    if minutes is not None:
+        parts.append(f"--minutes {minutes:g}")
+    return " ".join(parts)
+
+
+def expected_seconds(cell: Cell, root: str | Path) -> float | None:
+    """Mean `seconds` of the cell's finished seeds under `root` (their `DONE` records), or None."""
+    seconds = []
+    for dataset, method, _, run_dir in run_folder.finished_runs(root):
+        done = run_folder.read_done(run_dir) if (dataset, method) == (cell.dataset, cell.method) else None
+        if done and isinstance(done.get("seconds"), (int, float)):
+            seconds.append(float(done["seconds"]))
+    return sum(seconds) / len(seconds) if seconds else None
+
+
+class CellFailed(RuntimeError):
+    """Some cell-seeds failed; the others ran and the report (`report`) was written."""
+
+    def __init__(self, message: str, report: str) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def write_report(root: str | Path, out: str | Path, expected: dict[str, str], header: str) -> str:
+    """Build the report of every finished run under `root` (`iamrec.results.build_report`) and write
+    ``<out>.md`` (`header` first), ``<out>.csv``, ``<out>.png``; returns the markdown."""
+    from iamrec.results import build_report
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    text = header + build_report(root, out, expected)
+    Path(f"{out}.md").write_text(text)
+    return text
 
 
 def reproduce(
@@ -336,87 +379,161 @@ def reproduce(
     out: str | Path | None = None,
     dry_run: bool = False,
     methods: Sequence[str] | None = None,
+    minutes: float | None = None,
 ) -> str:
     """Plan, run what is not finished, and write the report; returns the plan (dry run) or the markdown.
 
     `methods` restricts what is *run* to those rows (default: all); the report covers every finished run
-    under `root`.
+    under `root`. `minutes`: a time budget; no cell-seed is started once it is spent, nor one whose
+    expected time (the mean `seconds` of the cell's finished seeds) does not fit what is left. The
+    report lists the cell-seeds left and the command that continues them (a rerun skips what is done).
+    A failed cell-seed does not stop the others: the report is written, then `CellFailed` names them.
     """
+    start = time.time()
+    deadline = None if minutes is None else start + 60 * minutes
     prof = PROFILES[profile]
     unknown = sorted(set(methods or ()) - set(TABLES[table])) if table in TABLES else []
     if unknown:
         raise ValueError(f"unknown method(s) {unknown} for {table}; choose from {', '.join(TABLES[table])}.")
-    root = Path(root or f"results/runs/{profile}/{table}")
-    out = Path(out or f"results/{table}")
-    rerun = (
-        f"python -m iamrec.reproduce {table} --profile {profile} --datasets {{dataset}} "
-        f"--seeds {' '.join(map(str, seeds))} --root {root}"
-    )
+    root = Path(root or default_root(profile, table))
+    out = Path(out or default_out(profile, table))
     lines = [f"# {table}, profile {profile} ({prof.about}), seeds {list(seeds)}, root {root}"]
     expected: dict[str, str] = {}
     present: list[Cell] = []
     for cell in plan(table, datasets):
         missing = missing_inputs(cell, prof)
-        marker = root / cell.dataset / cell.method / "MISSING"
+        marker = run_folder.missing_marker(root, cell.dataset, cell.method)
         if missing is not None:
-            reason, command = missing
-            expected[cell.name] = command
-            lines.append(f"{cell.name}: MISSING: {reason} -> {command}")
+            reason, provide = missing
+            expected[cell.name] = provide
+            lines.append(f"{cell.name}: MISSING: {reason} -> {provide}")
             if not dry_run:
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(reason + "\n")
             continue
-        expected[cell.name] = rerun.format(dataset=cell.dataset)
+        expected[cell.name] = command(table, profile, [cell.dataset], seeds, root=root, out=out)
         if marker.is_file() and not dry_run:
             marker.unlink()  # the inputs exist now
         if methods is None or cell.method in methods:
             present.append(cell)
-    # Seed-major: every cell's first seed before any second seed, so a table stopped part-way already has
-    # one complete row per method (and the paired test its first comparison).
-    for seed in seeds:
-        for cell in present:
-            run_dir = cell.run_dir(root, seed)
-            _check_profile(run_dir, prof)
-            if is_done(run_dir):
-                lines.append(f"{cell.name} seed{seed}: done, skipped")
-                if not dry_run:
-                    print(lines[-1], flush=True)
-                continue
-            twin = twin_run(cell, seed, root, prof)
-            if twin is not None:
-                lines.append(f"{cell.name} seed{seed}: same settings as {twin} (finished): results reused")
-                if not dry_run:
-                    print(lines[-1], flush=True)
-                    reuse_seed(run_dir, twin)
-                continue
-            state = "resume" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "run"
-            block = [f"{cell.name} seed{seed}: {state}"]
-            if cell.kind == "popular":
-                block.append(
-                    "    evaluate_popular on the LLM cells' test rows (data.max_eval_samples, data.seed)"
-                )
-            for stage, argv in stage_commands(cell, seed, root, prof):
-                skip = " (finished, skipped)" if stage == "fit" and (run_dir / "FIT_DONE").is_file() else ""
-                block.append(f"    {stage}{skip}: {display(argv)}")
-            lines += block
-            if not dry_run:
-                print("\n".join(block), flush=True)
-                run_seed(cell, seed, root, prof)
-    plan_text = "\n".join(lines)
-    if dry_run:
-        return plan_text
-    from iamrec.results import build_report
 
-    root.mkdir(parents=True, exist_ok=True)
-    text = build_report(root, out, expected)
+    left: list[str] = []  # "<cell> seed<k> (why)" not started within the budget
+    failed: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        if not dry_run:
+            print(line, flush=True)
+
+    try:
+        # Seed-major: every cell's first seed before any second seed, so a table stopped part-way already
+        # has one complete row per method (and the paired test its first comparison).
+        for seed in seeds:
+            for cell in present:
+                run_dir = cell.run_dir(root, seed)
+                _check_profile(run_dir, prof)
+                if run_folder.is_done(run_dir):
+                    say(f"{cell.name} seed{seed}: done, skipped")
+                    continue
+                twin = twin_run(cell, seed, root, prof)
+                if twin is not None:
+                    say(f"{cell.name} seed{seed}: same settings as {twin} (finished): results reused")
+                    if not dry_run:
+                        reuse_seed(run_dir, twin)
+                    continue
+                why = None if dry_run or deadline is None else _over_budget(cell, root, deadline)
+                if why is not None:
+                    left.append(f"{cell.name} seed{seed} ({why})")
+                    say(f"{cell.name} seed{seed}: left for another sitting ({why})")
+                    continue
+                state = "resume" if run_folder.last_checkpoint(run_dir).is_file() else "run"
+                block = [f"{cell.name} seed{seed}: {state}"]
+                if cell.kind == "popular":
+                    block.append(
+                        "    evaluate_popular on the LLM cells' test rows (data.max_eval_samples, data.seed)"
+                    )
+                for stage, argv in stage_commands(cell, seed, root, prof):
+                    skip = (
+                        " (finished, skipped)" if stage == "fit" and run_folder.is_fit_done(run_dir) else ""
+                    )
+                    block.append(f"    {stage}{skip}: {display(argv)}")
+                lines.extend(block)
+                if dry_run:
+                    continue
+                print("\n".join(block), flush=True)
+                try:
+                    run_seed(cell, seed, root, prof)
+                except (subprocess.CalledProcessError, FileNotFoundError) as err:
+                    what = display(err.cmd) if isinstance(err, subprocess.CalledProcessError) else str(err)
+                    failed.append(f"{cell.name} seed{seed} ({what})")
+                    say(f"{cell.name} seed{seed}: FAILED ({what}); going on with the others")
+    except BaseException:
+        if not dry_run:  # interrupted (Ctrl-C, SIGTERM from a time limit): still report what is finished
+            with contextlib.suppress(Exception):
+                named = {item.split(" (")[0] for item in left + failed}
+                left += [
+                    f"{cell.name} seed{seed} (stopped before it finished: interrupted or out of time)"
+                    for seed in seeds
+                    for cell in present
+                    if f"{cell.name} seed{seed}" not in named
+                    and not run_folder.is_done(cell.run_dir(root, seed))
+                ]
+                _report(table, profile, datasets, seeds, methods, root, out, minutes, expected, left, failed)
+        raise
+    if dry_run:
+        return "\n".join(lines)
+    text = _report(table, profile, datasets, seeds, methods, root, out, minutes, expected, left, failed)
+    if failed:
+        raise CellFailed(f"{len(failed)} cell-seed(s) failed: {'; '.join(failed)}; rerun to resume.", text)
+    return text
+
+
+def _over_budget(cell: Cell, root: Path, deadline: float) -> str | None:
+    """Why the cell-seed must not start within the budget ending at `deadline`, or None."""
+    now = time.time()
+    if now >= deadline:
+        return "the time budget is spent"
+    expected = expected_seconds(cell, root)
+    if expected is not None and now + expected > deadline:
+        return (
+            f"expected {expected / 60:.1f} min from its finished seeds, {(deadline - now) / 60:.1f} min left"
+        )
+    return None
+
+
+def _report(
+    table: str,
+    profile: str,
+    datasets: Sequence[str],
+    seeds: Sequence[int],
+    methods: Sequence[str] | None,
+    root: Path,
+    out: Path,
+    minutes: float | None,
+    expected: dict[str, str],
+    left: Sequence[str],
+    failed: Sequence[str],
+) -> str:
+    """Write the report of what is finished, with the cell-seeds left and failed; returns the markdown."""
+    budget = f" within a budget of {minutes:g} min" if minutes is not None else ""
     header = (
-        f"# {table}: profile `{profile}` ({prof.about}), seeds {' '.join(map(str, seeds))}\n\n"
-        f"Produced by `python -m iamrec.reproduce {table} --profile {profile} --datasets {','.join(datasets)} "
-        f"--seeds {' '.join(map(str, seeds))}{' --methods ' + ','.join(methods) if methods else ''}` "
+        f"# {table}: profile `{profile}` ({PROFILES[profile].about}), seeds {' '.join(map(str, seeds))}\n\n"
+        f"Produced by `{command(table, profile, datasets, seeds, methods, root, out)}`{budget} "
         f"from the runs under `{root}`.\n\n"
     )
-    Path(f"{out}.md").write_text(header + text)
-    return header + text
+    text = write_report(root, out, expected, header)
+    tail = []
+    if left:
+        again = command(table, profile, datasets, seeds, methods, root, out, minutes)
+        tail += ["## Left for another sitting", ""]
+        tail += [f"- {item}" for item in left]
+        tail += ["", f"Continue (finished cell-seeds are skipped): `{again}`", ""]
+    if failed:
+        tail += ["## Failed", ""] + [f"- {item}" for item in failed] + [""]
+    if tail:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(tail)
+        Path(f"{out}.md").write_text(text)
+    return text
 
 
 # ------------------------------------------------------------------------------- config headers
@@ -473,8 +590,8 @@ def update_headers(
         rows = agg[(agg["dataset"] == cell.dataset) & (agg["method"] == cell.method)]
         if rows.empty:
             continue
-        done = [cell.run_dir(root, s) / "DONE" for s in seeds]
-        seconds = [json.loads(d.read_text() or "{}").get("seconds") for d in done if d.is_file()]
+        done = [run_folder.read_done(cell.run_dir(root, s)) for s in seeds]
+        seconds = [d.get("seconds") for d in done if d is not None]
         seconds = [x for x in seconds if x is not None]
         minutes = sum(seconds) / len(seconds) / 60 if seconds else None
         cell_seeds = sorted(
@@ -494,16 +611,30 @@ def update_headers(
     return changed
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds: the running stage is killed and the report still written
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run every cell x seed of a table (skipping finished ones) and write results/<table>.md/.csv/.png."""
+    """Run every cell x seed of a table (skipping finished ones) and write the report
+    results/<profile>/<table>.md/.csv/.png (profile cpu: results/<table>.*)."""
     p = argparse.ArgumentParser(prog="python -m iamrec.reproduce", description=main.__doc__)
     p.add_argument("table", choices=sorted(TABLES))
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p.add_argument("--datasets", default="ml100k", help=f"comma-separated, from {','.join(DATASETS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--root", default=None, help="runs root (default results/runs/<profile>/<table>)")
-    p.add_argument("--out", default=None, help="report prefix (default results/<table>)")
+    p.add_argument(
+        "--out", default=None, help="report prefix (default results/<profile>/<table>; cpu: results/<table>)"
+    )
     p.add_argument("--methods", default=None, help="comma-separated rows to run (default: every row)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="time budget: start no cell-seed once it is spent (nor one whose expected time does not fit); "
+        "the report lists what is left and the command that continues",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     p.add_argument(
         "--update-headers",
@@ -512,23 +643,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     datasets = [d for d in args.datasets.replace(" ", ",").split(",") if d]
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         methods = [m for m in args.methods.replace(" ", ",").split(",") if m] if args.methods else None
         print(
             reproduce(
-                args.table, datasets, args.seeds, args.profile, args.root, args.out, args.dry_run, methods
+                args.table,
+                datasets,
+                args.seeds,
+                args.profile,
+                args.root,
+                args.out,
+                args.dry_run,
+                methods,
+                args.minutes,
             )
         )
         if args.update_headers and not args.dry_run:
-            root = args.root or f"results/runs/{args.profile}/{args.table}"
+            root = args.root or default_root(args.profile, args.table)
             for path in update_headers(args.table, datasets, args.seeds, args.profile, root):
                 print(f"updated the '# Measured' line of {path}")
     except (ValueError, FileNotFoundError) as err:
         print(f"iamrec.reproduce: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except subprocess.CalledProcessError as err:
-        print(f"iamrec.reproduce: a stage failed ({display(err.cmd)}); rerun to resume.", file=sys.stderr)
+    except CellFailed as err:
+        print(err.report)
+        print(f"iamrec.reproduce: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,8 @@
 """Aggregate finished runs into paper-style tables: mean ± std over seeds, best marked, IAM's gain, p-values.
 
-Layout read (one folder per table cell and seed)::
-
-    <root>/<dataset>/<method>/seed<k>/test_metrics.json    {"HR@5": 0.1, ..., "users": 943, "invalid_rate": 0.0}
-    <root>/<dataset>/<method>/seed<k>/predictions.parquet  user_id, rank (0-based rank of the true item, -1 absent)
-    <root>/<dataset>/<method>[/seed<k>]/MISSING            marks a cell that was not run (text: why / how)
-
-``iamrec test`` and ``python -m iamrec.baselines.popular --out`` write exactly these two files.
+Reads the runs root of :mod:`iamrec.run_folder` (one seed folder per table cell and seed, with its test
+metrics and per-sample ranks; ``MISSING`` markers for cells that were not run): ``iamrec test``,
+SASRec's test stage and ``python -m iamrec.baselines.popular --out`` write those files.
 
 Conventions:
 - std is the sample standard deviation over seeds (ddof=1); with one seed it is undefined and omitted.
@@ -25,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -33,9 +28,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from iamrec import run_folder
+
 TABLE_METRICS: tuple[str, ...] = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 IAM = "iam"
-_SEED_DIR = re.compile(r"^seed(\d+)$")
 _KEYS = ["dataset", "method"]
 
 
@@ -43,7 +39,7 @@ _KEYS = ["dataset", "method"]
 
 
 def collect_runs(root: str | Path) -> pd.DataFrame:
-    """One row per finished run (a seed folder holding ``test_metrics.json``).
+    """One row per finished run (a seed folder holding its test metrics).
 
     Columns: ``dataset``, ``method``, ``seed`` (int), ``path`` (str), then every numeric entry of
     ``test_metrics.json``. Seed folders without the file (unfinished runs) are skipped; see
@@ -53,21 +49,9 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
     if not root.is_dir():
         raise FileNotFoundError(f"results root {root} does not exist; run the experiments first.")
     rows = []
-    for metrics_file in sorted(root.glob("*/*/seed*/test_metrics.json")):
-        seed_dir = metrics_file.parent
-        match = _SEED_DIR.match(seed_dir.name)
-        if match is None:
-            continue
-        try:
-            metrics = json.loads(metrics_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{metrics_file} is not valid JSON ({err}); rerun that cell.") from err
-        row = {
-            "dataset": seed_dir.parent.parent.name,
-            "method": seed_dir.parent.name,
-            "seed": int(match.group(1)),
-            "path": str(seed_dir),
-        }
+    for dataset, method, seed, seed_dir in run_folder.finished_runs(root):
+        metrics = run_folder.read_metrics(seed_dir)
+        row = {"dataset": dataset, "method": method, "seed": seed, "path": str(seed_dir)}
         row.update(
             {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         )
@@ -101,7 +85,7 @@ def missing_cells(root: str | Path, expected_cells: Mapping[str, str] | None = N
     Args:
         root: the results root (``<root>/<dataset>/<method>/seed<k>/``).
         expected_cells: ``{"<dataset>/<method>" or "<dataset>/<method>/seed<k>": command}``; a cell is
-            missing when no ``test_metrics.json`` exists below it.
+            missing when no run below it wrote its test metrics.
 
     Every ``MISSING`` marker under ``root`` is also listed (its text is the reason), with the command of
     the expected cell containing it when known. Columns: ``cell``, ``reason``, ``command``.
@@ -115,17 +99,13 @@ def missing_cells(root: str | Path, expected_cells: Mapping[str, str] | None = N
         keys = [k for k in expected_cells if cell == k or cell.startswith(k.rstrip("/") + "/")]
         return expected_cells[max(keys, key=len)] if keys else ""
 
-    if root.is_dir():
-        for marker in sorted(root.rglob("MISSING")):
-            cell = marker.parent.relative_to(root).as_posix()
-            reason = marker.read_text().strip() or "marked MISSING"
-            rows[cell] = {"cell": cell, "reason": reason, "command": command_for(cell)}
+    for cell, reason in run_folder.missing_markers(root):
+        rows[cell] = {"cell": cell, "reason": reason or "marked MISSING", "command": command_for(cell)}
     for cell, command in expected_cells.items():
         cell = cell.strip("/")
         if cell in rows:
             continue
-        done = (root / cell).is_dir() and any((root / cell).rglob("test_metrics.json"))
-        if not done:
+        if not run_folder.has_results(root / cell):
             rows[cell] = {"cell": cell, "reason": "no finished run", "command": command}
     return pd.DataFrame(list(rows.values()), columns=["cell", "reason", "command"])
 
@@ -147,15 +127,17 @@ def per_user_scores(predictions: pd.DataFrame, k: int = 10) -> pd.DataFrame:
 
 
 def load_predictions(runs: pd.DataFrame, dataset: str, method: str) -> pd.DataFrame:
-    """All seeds' ``predictions.parquet`` of one cell, concatenated (columns user_id, rank, seed)."""
+    """All seeds' per-sample predictions of one cell, concatenated (columns user_id, rank, seed)."""
     cell = runs[(runs["dataset"] == dataset) & (runs["method"] == method)]
     frames = []
     for seed, path in zip(cell["seed"], cell["path"]):
-        file = Path(path) / "predictions.parquet"
-        if file.is_file():
-            frames.append(pd.read_parquet(file, columns=["user_id", "rank"]).assign(seed=seed))
+        predictions = run_folder.read_predictions(path, columns=["user_id", "rank"])
+        if predictions is not None:
+            frames.append(predictions.assign(seed=seed))
     if not frames:
-        raise FileNotFoundError(f"no predictions.parquet for {dataset}/{method}; rerun its test stage.")
+        raise FileNotFoundError(
+            f"no {run_folder.PREDICTIONS_FILE} for {dataset}/{method}; rerun its test stage."
+        )
     return pd.concat(frames, ignore_index=True)
 
 

@@ -1,4 +1,4 @@
-"""Segment ids: which part of the prompt each token belongs to (DESIGN.md §1).
+"""Segment ids: which part of the prompt each token belongs to.
 
 A `(B, L)` integer tensor labels every token:
 

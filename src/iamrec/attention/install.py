@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,17 +35,17 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from iamrec.attention.config import Backend, ItemAttentionConfig
 from iamrec.attention.masks import kind_rule, segment_mask_mod
-from iamrec.attention.schedule import Schedule, describe, resolve_schedule
+from iamrec.attention.schedule import Schedule, resolve_schedule
 from iamrec.segments import TARGET
 
-Backend = Literal["sdpa", "eager", "flex"]
 _STOCK_NAME = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention"}
 
 
 @dataclass
 class ItemAttentionState:
-    """What `apply_item_attention` installed; kept on the HF model as ``model._iam_state``."""
+    """What `apply_item_attention` installed (read it with `installed_state(model)`)."""
 
     schedule: Schedule
     backend: str
@@ -53,9 +53,6 @@ class ItemAttentionState:
     num_layers: int
     slot_kind: dict[int, str] = field(default_factory=dict)  # cache slot -> kind
     handles: list[Any] = field(default_factory=list)  # hook handles, removed on re-install
-
-    def describe(self) -> str:
-        return describe(self.schedule)
 
 
 class ItemContext:
@@ -160,13 +157,18 @@ def register_backends() -> None:
             AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[stock])
 
 
-def _hf_model(model: nn.Module) -> PreTrainedModel:
-    """The transformers model inside a (possibly peft-wrapped) model."""
+def base_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside a (possibly peft-wrapped) model; a TypeError for anything else."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"apply_item_attention needs a transformers causal LM, got {type(model).__name__}.")
+        raise TypeError(f"item-aware attention needs a transformers causal LM, got {type(model).__name__}.")
     return model
+
+
+def installed_state(model: nn.Module) -> ItemAttentionState | None:
+    """What `apply_item_attention` installed in `model` (peft-wrapped or not), or None if nothing is."""
+    return getattr(base_model(model), "_iam_state", None)
 
 
 def _decoder_layers(hf: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList]:
@@ -236,6 +238,8 @@ def apply_item_attention(
     context_visible: bool = True,
     split_at: int | None = None,
     hatllm_bands: tuple[int, int] | None = None,
+    *,
+    config: ItemAttentionConfig | None = None,
     config_key: str = "schedule",
 ) -> nn.Module:
     """Install item-aware attention into a transformers causal LM (or a peft model wrapping one).
@@ -251,15 +255,17 @@ def apply_item_attention(
         context_visible: every query may also see CONTEXT keys (instruction, response header).
         split_at: layer where ``split``/``split_inter_first`` switch kinds (default: half).
         hatllm_bands: (intra layers, inter layers) of the ``hatllm`` preset (default: a third each).
-        config_key: how errors name the schedule (e.g. ``model.schedule`` when set from a config).
+        config: all of the settings above as one `ItemAttentionConfig`; when given, it replaces them.
+        config_key: how errors name the schedule (e.g. ``model.attention.schedule`` from a config).
     """
-    if backend not in _STOCK_NAME:
-        raise ValueError(f"backend='{backend}' is not one of {', '.join(_STOCK_NAME)}.")
+    if config is None:
+        config = ItemAttentionConfig(schedule, backend, context_visible, split_at, hatllm_bands)
+    schedule, backend, context_visible = config.schedule, config.backend, config.context_visible
     register_backends()
-    hf = _hf_model(model)
+    hf = base_model(model)
     decoder, layers = _decoder_layers(hf)
     num_layers = len(layers)
-    resolved = resolve_schedule(schedule, num_layers, split_at, hatllm_bands, key=config_key)
+    resolved = resolve_schedule(schedule, num_layers, config.split_at, config.hatllm_bands, key=config_key)
     old = getattr(hf, "_iam_state", None)
     if old is not None:
         for handle in old.handles:
@@ -311,7 +317,7 @@ def _allow_generate_kwarg(hf: PreTrainedModel, name: str) -> None:
 
 def remove_item_attention(model: nn.Module, attn_implementation: str | None = None) -> nn.Module:
     """Undo `apply_item_attention` (hooks removed, stock attention restored)."""
-    hf = _hf_model(model)
+    hf = base_model(model)
     state = getattr(hf, "_iam_state", None)
     if state is not None:
         for handle in state.handles:

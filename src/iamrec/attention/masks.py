@@ -1,4 +1,4 @@
-"""Attention kinds as predicates over segment ids — each rule written once (DESIGN.md §1).
+"""Attention kinds as predicates over segment ids — each rule written once.
 
 Notation: B batch, Q query positions, K key positions; ``sq``/``sk`` are the segment ids of the query
 and key, ``q``/``k`` their absolute positions. Every rule below is *elementwise* tensor code, so the

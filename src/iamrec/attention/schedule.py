@@ -1,4 +1,4 @@
-"""Layer schedules: which attention kind(s) each decoder layer runs (DESIGN.md §1).
+"""Layer schedules: which attention kind(s) each decoder layer runs.
 
 A schedule is a list with one entry per decoder layer. An entry is one kind (``"intra"``) or several
 joined by ``+`` (``"intra+inter"``): stacked passes inside that layer, each with its own residual and
@@ -79,7 +79,12 @@ def preset_entries(
                 f"and add up to at most {n} ({key}='hatllm')."
             )
         return ["intra"] * a + ["causal"] * (n - a - b) + ["inter"] * b
-    raise ScheduleError(
+    raise unknown_preset(name, key)
+
+
+def unknown_preset(name: str, key: str = "schedule") -> ScheduleError:
+    """The error for a schedule name that is not a preset."""
+    return ScheduleError(
         f"{key}='{name}' is not a preset; choose one of {', '.join(PRESETS)} or give a list of kinds."
     )
 

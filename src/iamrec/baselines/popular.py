@@ -24,40 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from iamrec.data.dataset import load_items, load_samples
 from iamrec.metrics import DEFAULT_KS, RankingMetrics
-
-SPLITS = ("train", "valid", "test")
-
-
-def processed_file(data_dir: str | Path, name: str) -> Path:
-    """Path of one file of a processed dataset, with an error that says how to make it if absent."""
-    path = Path(data_dir) / name
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: `{data_dir}` is not a processed dataset (expected items.parquet, "
-            "interactions.parquet, samples.parquet). Build it with `python -m data_prep.<source>` or "
-            "`make data-ml100k`."
-        )
-    return path
-
-
-def read_num_items(data_dir: str | Path) -> int:
-    """Catalogue size I from ``items.parquet``; checks that item ids are dense 0..I-1."""
-    ids = pd.read_parquet(processed_file(data_dir, "items.parquet"), columns=["item_id"])["item_id"]
-    n = len(ids)
-    if n == 0 or ids.min() != 0 or ids.max() != n - 1 or ids.nunique() != n:
-        raise ValueError(f"{data_dir}/items.parquet: item_id must be dense 0..I-1 (data contract).")
-    return n
-
-
-def read_samples(data_dir: str | Path, split: str | None = None) -> pd.DataFrame:
-    """``samples.parquet`` (optionally one split), in file order."""
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}; got {split!r}.")
-    df = pd.read_parquet(processed_file(data_dir, "samples.parquet"))
-    if split is not None:
-        df = df[df["split"] == split].reset_index(drop=True)
-    return df
+from iamrec.run_folder import write_test_outputs
 
 
 def _pairs(samples: pd.DataFrame) -> pd.DataFrame:
@@ -102,6 +71,20 @@ def popular_ranks(
     return np.where(ranks < max_k, ranks, -1)
 
 
+def popular_lists(
+    samples: pd.DataFrame, order: np.ndarray, max_k: int, exclude_history: bool = False
+) -> list[list[int]]:
+    """Each sample's top-``max_k`` list: the global list, less the sample's history items if asked."""
+    if not exclude_history:
+        return [order[:max_k].tolist()] * len(samples)
+    lists = []
+    for history in samples["history"]:
+        seen = {int(i) for i in history}
+        # The first max_k + |history| items always hold max_k items outside the history.
+        lists.append([int(i) for i in order[: max_k + len(seen)] if int(i) not in seen][:max_k])
+    return lists
+
+
 def evaluate_popular(
     processed_dir: str | Path,
     split: str = "test",
@@ -119,34 +102,39 @@ def evaluate_popular(
         ks: the cut-offs K of HR@K / NDCG@K.
         max_users: evaluate only the first N samples of the split (file order), for quick checks.
         exclude_history: drop each user's history items from that user's list.
-        out_dir: if given, write ``test_metrics.json`` and ``predictions.parquet`` there (run-directory
-            layout read by :mod:`iamrec.results`).
-        sample_indices: evaluate exactly these rows of samples.parquet (e.g. the LLM's test subset), so
-            the baseline is scored on the same users as the model.
+        out_dir: if given, write ``test_metrics.json`` and ``predictions.parquet`` there (the run-folder
+            files of :mod:`iamrec.run_folder`, read by :mod:`iamrec.results`).
+        sample_indices: evaluate exactly these rows of samples.parquet (e.g. the LLM's test subset,
+            :func:`iamrec.data.eval_subset_rows`), so the baseline is scored on the same users as the model.
 
     Returns:
         ``{"HR@K": ..., "NDCG@K": ..., "users": n, "invalid_rate": 0.0}``.
     """
-    num_items = read_num_items(processed_dir)
-    samples = read_samples(processed_dir)
+    num_items = len(load_items(processed_dir))
+    samples = load_samples(processed_dir, num_items).frame()  # row r = sample_index r
     order = popularity_order(item_popularity(samples, num_items))
     if sample_indices is not None:
-        evaluated = samples.iloc[sorted(int(i) for i in sample_indices)].reset_index(drop=True)
+        rows = np.array(sorted(int(i) for i in sample_indices), dtype=np.int64)
     else:
-        evaluated = samples[samples["split"] == split].reset_index(drop=True)
+        rows = np.flatnonzero(samples["split"].to_numpy() == split)
     if max_users is not None:
-        evaluated = evaluated.iloc[:max_users]
+        rows = rows[:max_users]
+    evaluated = samples.iloc[rows].reset_index(drop=True)
     metric = RankingMetrics(ks, sync_on_compute=False)  # local data: never sum across ranks
     ranks = popular_ranks(evaluated, order, max(metric.ks), exclude_history)
     metric.update(torch.from_numpy(ranks))
     result = {**metric.compute(), "invalid_rate": 0.0}  # a fixed list never names a non-item
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        pd.DataFrame(
-            {"user_id": evaluated["user_id"].to_numpy(), "target": evaluated["target"], "rank": ranks}
-        ).to_parquet(out / "predictions.parquet", index=False)
+        predictions = pd.DataFrame(
+            {
+                "sample_index": rows,
+                "user_id": evaluated["user_id"].to_numpy(),
+                "target": evaluated["target"].to_numpy(),
+                "rank": ranks,
+                "top_items": popular_lists(evaluated, order, max(metric.ks), exclude_history),
+            }
+        )
+        write_test_outputs(out_dir, result, predictions, method="most-popular")
     return result
 
 

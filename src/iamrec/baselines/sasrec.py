@@ -47,9 +47,9 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from iamrec.baselines.popular import read_num_items, read_samples
+from iamrec.data.dataset import eval_subset_rows, load_items, load_samples
 from iamrec.metrics import DEFAULT_KS, RankingMetrics
-from iamrec.run_layout import add_run_checkpoint
+from iamrec.run_folder import PREDICTION_COLUMNS, add_run_checkpoint, write_test_outputs
 
 # --------------------------------------------------------------------------------------------- data
 
@@ -122,9 +122,9 @@ class SASRecDataModule(L.LightningDataModule):
         batch_size: samples per training batch.
         num_workers: DataLoader worker processes.
         eval_batch_size: samples per valid/test batch (defaults to ``batch_size``).
-        max_eval_samples: evaluate on a fixed seeded subset of this many valid/test samples, chosen
-            exactly as ``IAMDataModule`` chooses it (same rows for the same ``seed``), so SASRec is scored
-            on the same users as the LLM cells (None: all).
+        max_eval_samples: evaluate on a fixed seeded subset of this many valid/test samples, the rows
+            :func:`iamrec.data.eval_subset_rows` picks for every method (same rows for the same ``seed``),
+            so SASRec is scored on the same users as the LLM cells (None: all).
         seed: seeds the evaluation subset (the training shuffle follows ``seed_everything``).
         full_validation: validate (and early-stop) on the whole valid split even when
             ``max_eval_samples`` subsets the test split; validation is cheap for SASRec and a few dozen
@@ -161,21 +161,19 @@ class SASRecDataModule(L.LightningDataModule):
     def num_items(self) -> int:
         """Catalogue size I, read once from ``items.parquet`` (also the padding id)."""
         if self._num_items is None:
-            self._num_items = read_num_items(self.data_dir)
+            self._num_items = len(load_items(self.data_dir))
         return self._num_items
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        from iamrec.data.datamodule import _EVAL_SEED_OFFSET  # the LLM data module's subset seeds
-        from iamrec.data.dataset import subset_rows
-
-        samples = read_samples(self.data_dir)  # file order: row r is sample_index r
+        samples = load_samples(self.data_dir, self.num_items)
         for split in ("train", "valid", "test"):
-            rows = np.flatnonzero(samples["split"].to_numpy() == split)
-            if split == "test" or (split == "valid" and not self.full_validation):
-                rows = subset_rows(rows, self.max_eval_samples, self.seed + _EVAL_SEED_OFFSET[split])
-            part = samples.iloc[rows].reset_index(drop=True)
+            if split == "train" or (split == "valid" and self.full_validation):
+                rows = samples.rows(split)
+            else:
+                rows = eval_subset_rows(samples, split, self.max_eval_samples, self.seed)
+            part = samples.frame(rows)
             self.datasets[split] = PaddedSamples(part, self.max_len, self.num_items, sample_index=rows)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -483,8 +481,6 @@ class SASRecCLI(LightningCLI):
 
     def after_test(self) -> None:
         """Write ``test_metrics.json`` and ``predictions.parquet`` (all processes' rows) to the log dir."""
-        from iamrec.lit_module import write_test_outputs
-
         model: SASRec = self.model
         parts = model.test_predictions
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -494,16 +490,16 @@ class SASRecCLI(LightningCLI):
         log_dir = Path(self.trainer.log_dir or ".")
         if not self.trainer.is_global_zero:
             return
-        cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        columns = {k: torch.cat([p[k] for p in parts]) for k in PREDICTION_COLUMNS} if parts else {}
+        # top_items is (N, K): one list per row; the other columns are (N,)
         frame = pd.DataFrame(
-            {k: cat[k].numpy() for k in ("sample_index", "user_id", "target", "rank")} if cat else {}
+            {k: v.tolist() if v.dim() > 1 else v.numpy() for k, v in columns.items()},
+            columns=list(PREDICTION_COLUMNS),
         )
-        if cat:
-            frame["top_items"] = cat["top_items"].tolist()
-            frame = frame.sort_values("sample_index").reset_index(drop=True)
+        frame = frame.sort_values("sample_index").reset_index(drop=True)
         metrics = {k: float(v) if k != "users" else int(v) for k, v in model.test_results.items()}
         metrics["invalid_rate"] = 0.0  # a ranking over the catalogue never names a non-item
-        write_test_outputs(log_dir, metrics, frame)
+        write_test_outputs(log_dir, metrics, frame, method="sasrec")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,20 +1,29 @@
-"""Processed dataset -> prompts with segment ids -> batches (DESIGN.md §1, §3).
+"""Processed dataset -> prompts with segment ids -> batches.
 
 prompt.py      PromptTemplate: the prompt as text
-encoding.py    tokens in context, `encode_answer` (shared with the decoding trie), truncation
-dataset.py     reading/checking the processed files; map-style SampleDataset
+encoding.py    tokens in context, `encode_answer` (the answer ids of the labels and of the decoding trie),
+               truncation
+dataset.py     the only reader of the processed-data contract (items.parquet, samples.parquet; see
+               data_prep/common.py): `load_items`, `load_samples`, `eval_subset_rows`; SampleDataset
 collate.py     padding into batch tensors (keys and shapes listed there)
 sampler.py     length-bucketing batch sampler (DDP-safe)
 datamodule.py  IAMDataModule
 
-`IAMDataModule` is imported lazily: the decoding package imports `encode_answer` from here and should
-not pay for importing Lightning.
+`IAMDataModule` is imported lazily: the most-popular baseline and `iamrec.reproduce` read the processed
+data through this package and should not pay for importing Lightning.
 """
 
 from typing import TYPE_CHECKING
 
 from iamrec.data.collate import IGNORE_INDEX, Collator
-from iamrec.data.dataset import DataFileError, SampleDataset, Samples, load_items, load_samples
+from iamrec.data.dataset import (
+    DataFileError,
+    SampleDataset,
+    Samples,
+    eval_subset_rows,
+    load_items,
+    load_samples,
+)
 from iamrec.data.encoding import (
     EncodedSample,
     PromptEncoder,
@@ -55,6 +64,7 @@ __all__ = [
     "TokenizationError",
     "encode_answer",
     "encode_answers",
+    "eval_subset_rows",
     "load_items",
     "load_samples",
     "tokenize_in_context",

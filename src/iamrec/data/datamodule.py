@@ -21,6 +21,7 @@ from iamrec.data.dataset import (
     SampleDataset,
     Samples,
     check_data_dir,
+    eval_subset_rows,
     load_items,
     load_samples,
     subset_rows,
@@ -28,8 +29,6 @@ from iamrec.data.dataset import (
 from iamrec.data.encoding import PromptEncoder
 from iamrec.data.prompt import PromptTemplate
 from iamrec.data.sampler import LengthGroupedBatchSampler
-
-_EVAL_SEED_OFFSET = {"valid": 1, "test": 2}
 
 
 def _check_positive(name: str, value: int | None, allow_none: bool = False, minimum: int = 1) -> None:
@@ -63,7 +62,8 @@ class IAMDataModule(L.LightningDataModule):
             shuffled and seeded; works under DDP).
         max_train_samples: Train on a seeded random subset of this many training samples (None: all).
         max_eval_samples: Evaluate on a fixed seeded subset of this many valid/test samples, the same
-            across runs and ranks (None: all).
+            across runs and ranks and the same rows SASRec and most-popular score (`eval_subset_rows`;
+            None: all).
         predict_split: Which split `predict` runs on.
         seed: Seeds the training shuffle, the bucketing and the subsets.
     """
@@ -153,11 +153,10 @@ class IAMDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str) -> SampleDataset:
         if split not in self.datasets:
-            rows = self.samples.rows(split)
             if split == "train":
-                rows = subset_rows(rows, self.max_train_samples, self.seed)
+                rows = subset_rows(self.samples.rows(split), self.max_train_samples, self.seed)
             else:
-                rows = subset_rows(rows, self.max_eval_samples, self.seed + _EVAL_SEED_OFFSET[split])
+                rows = eval_subset_rows(self.samples, split, self.max_eval_samples, self.seed)
             self.datasets[split] = SampleDataset(self.encoder, self.samples, rows)
         return self.datasets[split]
 

@@ -1,7 +1,11 @@
-"""Read and check a processed dataset (DESIGN.md §3); a map-style Dataset of encoded samples.
+"""Read and check a processed dataset; a map-style Dataset of encoded samples.
 
-Errors name the file and say what to do (STYLE.md habit 12). Samples are kept as flat numpy arrays (a
-history is a slice of one `values` array), so a dataset of ~100k samples pickles cheaply to workers.
+The only reader of the processed-data contract (items.parquet, samples.parquet; written and described by
+`data_prep/common.py`): the data module, both baselines and `iamrec.reproduce` read through here, and
+`eval_subset_rows` is the one rule for which valid/test rows an evaluation scores.
+
+Errors name the file and say what to do. Samples are kept as flat numpy arrays (a history is a slice of
+one `values` array), so a dataset of ~100k samples pickles cheaply to workers.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from iamrec.data.encoding import PromptEncoder
 
 SPLITS = ("train", "valid", "test")
 SAMPLE_COLUMNS = ("user_id", "history", "target", "split")
+# The evaluation subset of a split is drawn with `seed + offset`, so valid and test (and train, drawn with
+# `seed` itself) get different draws from one `data.seed`.
+_EVAL_SEED_OFFSET = {"valid": 1, "test": 2}
 
 
 class DataFileError(ValueError):
@@ -92,9 +99,28 @@ class Samples:
             raise DataFileError(f"The {split} split of {self.path} is empty; re-run the data prep.")
         return rows
 
+    def frame(self, rows: np.ndarray | None = None) -> pd.DataFrame:
+        """The samples (or `rows` of them) as a DataFrame: user_id, history (int64 arrays), target, split.
 
-def load_samples(data_dir: str | Path, num_items: int) -> Samples:
-    """samples.parquet, checked: required columns, known splits, item ids that exist in items.parquet."""
+        Without `rows`, row r of the frame is row r of samples.parquet (its `sample_index`).
+        """
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
+        history = [self.values[self.offsets[r] : self.offsets[r + 1]] for r in rows]
+        return pd.DataFrame(
+            {
+                "user_id": self.user_id[rows],
+                "history": pd.Series(history, dtype=object),
+                "target": self.target[rows],
+                "split": self.split[rows],
+            }
+        )
+
+
+def load_samples(data_dir: str | Path, num_items: int | None = None) -> Samples:
+    """samples.parquet, checked: required columns, known splits, item ids that exist in items.parquet
+    (`num_items` items; read from items.parquet when None)."""
+    if num_items is None:
+        num_items = len(load_items(data_dir))
     path = _require(check_data_dir(data_dir) / "samples.parquet")
     columns = pq.read_schema(path).names
     missing = [c for c in SAMPLE_COLUMNS if c not in columns]
@@ -133,6 +159,23 @@ def subset_rows(rows: np.ndarray, max_samples: int | None, seed: int) -> np.ndar
         return rows
     pick = np.random.default_rng(seed).choice(len(rows), size=max_samples, replace=False)
     return rows[np.sort(pick)]
+
+
+def eval_subset_rows(
+    samples: Samples | str | Path, split: str, max_eval_samples: int | None, seed: int
+) -> np.ndarray:
+    """The rows of samples.parquet an evaluation of `split` scores: a fixed seeded subset of
+    `max_eval_samples` of them (all when None), in file order.
+
+    `samples` is a loaded `Samples` or a processed-data folder. Every method evaluated on a split uses
+    this (the LLM's data module, SASRec, most-popular through `iamrec.reproduce`), so with the same
+    `max_eval_samples` and `seed` they score the same samples.
+    """
+    if split not in _EVAL_SEED_OFFSET:
+        raise ValueError(f"split must be one of {sorted(_EVAL_SEED_OFFSET)}; got {split!r}.")
+    if not isinstance(samples, Samples):
+        samples = load_samples(samples)
+    return subset_rows(samples.rows(split), max_eval_samples, seed + _EVAL_SEED_OFFSET[split])
 
 
 class SampleDataset(Dataset):

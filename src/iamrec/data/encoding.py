@@ -25,8 +25,10 @@ With ``boundary_whitespace="next"`` the trailing spaces of a piece are moved to 
 one (``", "`` ends an item with ``,`` and the next item starts with ``Ġ"``), so for the default template
 and byte-level BPE the concatenation equals the tokenization of the whole prompt string (tested).
 
-The answer tokens come from one function, `encode_answer`, which the decoding trie imports too: the
-training labels and the tokens that constrained decoding forces are the same ids by construction.
+The answer tokens come from one function, `encode_answer` (`encode_answers` for a catalogue): the
+`PromptEncoder` builds the training labels from them and hands the same lists to the decoding trie
+(`IAMDataModule.answer_token_ids`), so the labels and the tokens constrained decoding forces are the same
+ids by construction.
 
 Each catalogue item is tokenized once per position kind (first/later x with/without separator), and a
 sample is assembled by list concatenation, so encoding ~100k samples takes a second or two.
@@ -138,10 +140,10 @@ def encode_answers(
 
 
 def encode_answer(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, title: str) -> list[int]:
-    """The answer's token ids as they follow the response header, plus EOS.
+    """The answer's token ids as they follow the response header, plus EOS (`encode_answers` of one title).
 
-    The single source of truth for answer tokens: the training labels (via `PromptEncoder`) and the
-    decoding trie both call this, so decoding forces exactly the ids the model was trained on.
+    The training labels and the decoding trie both use `PromptEncoder.answer_ids`, built by
+    `encode_answers`, so decoding forces exactly the ids the model was trained on.
     """
     return encode_answers(tokenizer, template, [title])[0]
 

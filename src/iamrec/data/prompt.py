@@ -1,4 +1,4 @@
-"""The prompt template: how a history and a target are written as text (DESIGN.md §1).
+"""The prompt template: how a history and a target are written as text.
 
 With the defaults a sample reads (``<s>`` = the tokenizer's BOS, ``</s>`` = its EOS)::
 

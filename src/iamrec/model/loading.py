@@ -41,7 +41,7 @@ class BackboneError(RuntimeError):
     """A backbone or tokenizer could not be loaded; the message says what to do."""
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
     return not Path(spec).exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
 
 
@@ -53,7 +53,7 @@ def _offline_message(spec: str, what: str, err: Exception | None = None) -> str:
     )
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connect instead of the hub client's minute of retries."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
@@ -72,7 +72,7 @@ def _from_pretrained(factory, spec: str, what: str, **kwargs):
     except OSError as err:
         if Path(spec).exists():
             raise BackboneError(f"Could not load the {what} from folder '{spec}': {err}") from None
-        if not _hub_reachable():
+        if not hub_reachable():
             raise BackboneError(_offline_message(spec, what, err)) from None
     try:
         return factory.from_pretrained(spec, **kwargs)
@@ -84,7 +84,7 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     """Load the tokenizer for a model spec; guarantees `eos_token_id` and `pad_token_id` are set."""
     if spec in TINY_SPECS:
         return build_tiny_tokenizer()
-    if not Path(spec).exists() and not _looks_like_hub_id(spec):
+    if not Path(spec).exists() and not looks_like_hub_id(spec):
         raise BackboneError(
             f"Tokenizer/model '{spec}' is neither a local folder nor a hub id; check the path "
             "(run `make assets` for the SmolLM2 folder)."
@@ -115,7 +115,7 @@ def load_backbone(
         config = tiny_config(TINY_SPECS[spec], vocab_size=len(build_tiny_tokenizer()))
         config._attn_implementation = attn_implementation
         return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    if not Path(spec).exists() and not _looks_like_hub_id(spec):
+    if not Path(spec).exists() and not looks_like_hub_id(spec):
         raise BackboneError(
             f"Backbone '{spec}' is neither a local folder nor a hub id; check the path "
             "(run `make assets` for .assets/models/SmolLM2-135M-Instruct)."
