@@ -22,8 +22,15 @@ a usable title (``no_metadata``: asin not in the metadata, which real dumps have
 empty title) -> HTML entities are unescaped (repeatedly, for double-escaped text) and titles that still
 contain markup are dropped (``html_title``) -> titles over 20 words (``long_title``) -> repeated
 (user, item) reviews, earliest kept (``duplicate``) -> iterative ``--k-core`` (default 5) on users and
-items. A line that is not valid JSON / a dict literal, or misses reviewerID / asin / unixReviewTime,
-stops the run with one message naming the file and line. Metadata records of items nobody reviewed are
+items. A line that is not valid JSON / a dict literal, misses reviewerID / asin / unixReviewTime, or holds a
+value of the wrong type stops the run with one message naming the file and line (nothing is written):
+``unixReviewTime`` must be an exact integer (JSON floats are parsed as decimals, never through float;
+NaN, Infinity, fractions and huge numbers are refused) between 1970 and 2100 in seconds; ids must be
+strings (or integers). A review whose reviewerID / asin is null or blank is dropped and counted
+(``missing_user_id:<file>`` / ``missing_item_id:<file>``), as is a metadata record with a null or blank
+asin (``missing_asin:<file>``); a ``categories`` / ``category`` value that is not a list of strings is
+left empty and counted under ``dropped.values`` (``categories_not_a_list:<file>``). Files are UTF-8
+(JSON's encoding; a leading byte-order mark is dropped); an undecodable line is named. Metadata records of items nobody reviewed are
 not part of the dataset; their number is reported as ``meta_records_not_reviewed``.
 Protocols, ties and determinism: see ``data_prep.common``.
 """
@@ -36,6 +43,8 @@ import html
 import json
 import re
 import sys
+from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -46,7 +55,11 @@ from data_prep.common import (
     Drops,
     ProtocolConfig,
     build_dataset,
+    check_time,
     iter_lines,
+    json_id,
+    json_int,
+    locked_output,
     print_summary,
     require_file,
     run_main,
@@ -110,21 +123,40 @@ def clean_title(title) -> tuple[str | None, str | None]:
 
 
 def read_reviews(path: Path, drops: Drops) -> tuple[pd.DataFrame, list[int]]:
-    rows, lines = [], []
-    for i, r in _records(path, json.loads, "JSON", drops):
+    rows, lines, first_bad = [], [], None
+    for i, r in _records(path, partial(json.loads, parse_float=Decimal), "JSON", drops):
         missing = [k for k in ("reviewerID", "asin", "unixReviewTime") if k not in r]
         if missing:
             raise DataPrepError(f"review has no {', '.join(missing)}", path, i)
-        t = r["unixReviewTime"]
-        if isinstance(t, bool) or not isinstance(t, int | float) or t != int(t):
-            raise DataPrepError(f"unixReviewTime is not an integer: {t!r}", path, i)
-        rows.append((str(r["reviewerID"]), str(r["asin"]), int(t)))
+        t = check_time(json_int(r["unixReviewTime"], "unixReviewTime", path, i), "unixReviewTime", path, i)
+        user = json_id(r["reviewerID"], "reviewerID", path, i)
+        item = json_id(r["asin"], "asin", path, i)
+        if user is None or item is None:
+            drops.lines[f"missing_{'user' if user is None else 'item'}_id:{path.name}"] += 1
+            first_bad = first_bad or i
+            continue
+        rows.append((user, item, t))
         lines.append(i)
     if not rows:
+        if first_bad:
+            raise DataPrepError(
+                "no usable reviews: every reviewerID or asin is null or blank", path, first_bad
+            )
         raise DataPrepError("no reviews in the file", path)
     df = pd.DataFrame(rows, columns=["raw_user_id", "raw_item_id", "timestamp"])
     df["timestamp"] = df["timestamp"].astype("int64")
     return df, lines
+
+
+def categories_text(cats) -> str | None:
+    """ " > "-joined category path; 2014's list of paths -> the first path; None when not a list of strings."""
+    if cats is None:
+        return ""
+    if isinstance(cats, list) and cats and isinstance(cats[0], list):  # 2014: list of category paths
+        cats = cats[0]
+    if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
+        return None
+    return " > ".join(cats)
 
 
 def read_meta(path: Path, fmt: str, reviewed: set[str], drops: Drops) -> tuple[pd.DataFrame, int]:
@@ -136,7 +168,10 @@ def read_meta(path: Path, fmt: str, reviewed: set[str], drops: Drops) -> tuple[p
         n_lines += 1
         if "asin" not in r:
             raise DataPrepError("metadata record has no asin", path, i)
-        asin = str(r["asin"])
+        asin = json_id(r["asin"], "asin", path, i)
+        if asin is None:
+            drops.lines[f"missing_asin:{path.name}"] += 1
+            continue
         if asin in meta:
             drops.lines["duplicate_meta_record"] += 1
             continue
@@ -145,15 +180,15 @@ def read_meta(path: Path, fmt: str, reviewed: set[str], drops: Drops) -> tuple[p
         raise DataPrepError("no metadata records in the file", path)
     rows = []
     for asin in sorted(reviewed):
-        r = meta.get(asin)
-        if r is None:
+        if asin not in meta:
             rows.append((asin, None, "", "no_metadata"))
             continue
+        r = meta[asin]
         title, reason = clean_title(r.get("title"))
-        cats = r.get("categories") if fmt == "2014" else r.get("category")
-        if cats and isinstance(cats[0], list):  # 2014: list of category paths -> the first path
-            cats = cats[0]
-        cats = " > ".join(str(c) for c in cats) if isinstance(cats, list) else ""
+        cats = categories_text(r.get("categories") if fmt == "2014" else r.get("category"))
+        if cats is None:
+            drops.values[f"categories_not_a_list:{path.name}"] += 1
+            cats = ""
         rows.append((asin, title, cats, reason))
     items = pd.DataFrame(rows, columns=["raw_item_id", "title", "categories", "drop_reason"])
     return items, sum(1 for a in meta if a not in reviewed)
@@ -167,29 +202,34 @@ def prepare(
     reviews: str | Path | None = None,
     meta: str | Path | None = None,
 ) -> dict:
-    """Parse one Amazon category and write the processed dataset; returns stats.json's content."""
+    """Parse one Amazon category and write the processed dataset; returns stats.json's content.
+
+    The output's lock is held from the start, so a second run into the same folder stops at once.
+    """
     cfg, drops = cfg or ProtocolConfig(k_core=5), Drops()
-    rpath, mpath = find_files(
-        Path(input_dir) if input_dir else None,
-        Path(reviews) if reviews else None,
-        Path(meta) if meta else None,
-    )
-    if fmt == "auto":
-        fmt = "2014" if rpath.name.startswith("reviews_") else "2018"
-    if fmt not in ("2014", "2018"):
+    if fmt not in ("auto", "2014", "2018"):
         raise DataPrepError(f"--format must be auto, 2014 or 2018, got {fmt!r}")
-    inter, _ = read_reviews(rpath, drops)
-    items, not_reviewed = read_meta(mpath, fmt, set(inter["raw_item_id"]), drops)
-    return build_dataset(
-        items=items,
-        interactions=inter,
-        cfg=cfg,
-        output=output,
-        input_files=[rpath, mpath],
-        source={"dataset": rpath.name.split(".json")[0], "format": f"amazon-{fmt}"},
-        drops=drops,
-        extra_stats={"meta_records_not_reviewed": not_reviewed, "max_title_words": MAX_TITLE_WORDS},
-    )
+    with locked_output(output) as out:
+        rpath, mpath = find_files(
+            Path(input_dir) if input_dir else None,
+            Path(reviews) if reviews else None,
+            Path(meta) if meta else None,
+        )
+        if fmt == "auto":
+            fmt = "2014" if rpath.name.startswith("reviews_") else "2018"
+        inter, _ = read_reviews(rpath, drops)
+        items, not_reviewed = read_meta(mpath, fmt, set(inter["raw_item_id"]), drops)
+        return build_dataset(
+            items=items,
+            interactions=inter,
+            cfg=cfg,
+            output=out,
+            input_files=[rpath, mpath],
+            source={"dataset": rpath.name.split(".json")[0], "format": f"amazon-{fmt}"},
+            drops=drops,
+            extra_stats={"meta_records_not_reviewed": not_reviewed, "max_title_words": MAX_TITLE_WORDS},
+            encodings={rpath.name: "utf-8", mpath.name: "utf-8"},
+        )
 
 
 def parse_args(argv=None) -> argparse.Namespace:

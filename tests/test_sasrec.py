@@ -15,6 +15,7 @@ from iamrec.baselines.popular import evaluate_popular, item_popularity, populari
 from iamrec.baselines.sasrec import SASRec, SASRecDataModule, left_pad
 from iamrec.data import DataFileError
 from iamrec.run_folder import PREDICTION_COLUMNS
+from tests.conftest import write_stats
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +40,7 @@ def write_processed(root: Path, rows: list[tuple], num_items: int) -> Path:
     samples.to_parquet(root / "samples.parquet")
     inter = [(u, i, t) for t, (u, h, tgt, _) in enumerate(rows) for i in [*h, tgt]]
     pd.DataFrame(inter, columns=["user_id", "item_id", "timestamp"]).to_parquet(root / "interactions.parquet")
-    (root / "stats.json").write_text(json.dumps({"items": num_items}))
+    write_stats(root, items=num_items)
     return root
 
 

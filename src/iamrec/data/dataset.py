@@ -4,18 +4,28 @@ The only reader of the processed-data contract (items.parquet, samples.parquet; 
 `data_prep/common.py`): the data module, both baselines and `iamrec.reproduce` read through here, and
 `eval_subset_rows` is the one rule for which valid/test rows an evaluation scores.
 
+Before anything is read, `check_processed` verifies the folder is one data prep run's output: stats.json
+must list the sha256 and size of items.parquet and samples.parquet (and of every other file it lists), and
+each listed file must match — so a folder that mixes two runs, a file changed or truncated since, or a
+folder without stats.json is refused with one sentence naming the file. A check is done once per process
+for each (file, inode, mtime, size). Columns are then checked for their types (integer ids and times,
+never floats: a float id is refused, not truncated; string titles and splits; list histories) and nulls.
+
 Errors name the file and say what to do. Samples are kept as flat numpy arrays (a history is a slice of
 one `values` array), so a dataset of ~100k samples pickles cheaply to workers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
@@ -26,6 +36,9 @@ SAMPLE_COLUMNS = ("user_id", "history", "target", "split")
 # The evaluation subset of a split is drawn with `seed + offset`, so valid and test (and train, drawn with
 # `seed` itself) get different draws from one `data.seed`.
 _EVAL_SEED_OFFSET = {"valid": 1, "test": 2}
+RERUN = "re-run its data prep (e.g. `make data-ml100k`)"
+# (file, inode, mtime_ns, size, sha256 vouched for) of every file whose hash was verified in this process.
+_VERIFIED: set[tuple] = set()
 
 
 class DataFileError(ValueError):
@@ -52,13 +65,100 @@ def check_data_dir(data_dir: str | Path) -> Path:
     return path
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_processed(data_dir: str | Path) -> Path:
+    """The processed-data folder, after checking its files against the sha256 stats.json lists for them.
+
+    Refuses (one sentence naming the file) a folder without a readable stats.json, a stats.json that does
+    not vouch for items.parquet and samples.parquet, and any listed file that is missing or differs from
+    its recorded size / sha256 (files of different data prep runs, or changed since). Hashing happens once
+    per process for each (file, inode, mtime, size).
+    """
+    path = check_data_dir(data_dir)
+    _require(path / "items.parquet")  # an empty or wrong folder: name the first file a person expects
+    stats_path = path / "stats.json"
+    if not stats_path.is_file():
+        raise DataFileError(f"{stats_path} is missing, so the files in {path} cannot be checked; {RERUN}.")
+    try:
+        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataFileError(f"{stats_path} cannot be read as JSON ({e}); {RERUN}.") from None
+    files = stats.get("files") if isinstance(stats, dict) else None
+    outputs = files.get("outputs") if isinstance(files, dict) else None
+    if not isinstance(outputs, dict) or not {"items.parquet", "samples.parquet"} <= set(outputs):
+        raise DataFileError(
+            f"{stats_path} lists no sha256 for items.parquet and samples.parquet, so the files in {path} "
+            f"cannot be checked; {RERUN}."
+        )
+    for name, info in sorted(outputs.items()):
+        ok = (
+            isinstance(info, dict)
+            and isinstance(info.get("sha256"), str)
+            and isinstance(info.get("bytes"), int)
+        )
+        if not ok or Path(name).name != name:
+            raise DataFileError(
+                f"{stats_path} has a malformed entry for {name!r} under files.outputs; {RERUN}."
+            )
+        file = _require(path / name)
+        st = file.stat()
+        key = (str(file.resolve()), st.st_ino, st.st_mtime_ns, st.st_size, info["sha256"])
+        if key in _VERIFIED:
+            continue
+        if st.st_size != info["bytes"] or _sha256(file) != info["sha256"]:
+            raise DataFileError(
+                f"{file} does not match the sha256 recorded in {stats_path} (the folder mixes files of "
+                f"different data prep runs, or the file was changed since); {RERUN}."
+            )
+        _VERIFIED.add(key)
+    return path
+
+
+def _schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataFileError(f"{path} cannot be read as parquet ({e}); {RERUN}.") from None
+
+
+def _check_types(path: Path, schema: pa.Schema, want: dict[str, str]) -> None:
+    """Column types: 'int' (any integer type, never float), 'str', 'list<int>'; absent columns are skipped."""
+    tests = {
+        "int": pa.types.is_integer,
+        "str": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+        "list<int>": lambda t: (
+            (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+        ),
+    }
+    for name, kind in want.items():
+        if name in schema.names and not tests[kind](schema.field(name).type):
+            raise DataFileError(
+                f"{path}: column '{name}' is {schema.field(name).type}, expected {kind.replace('int', 'int64')} "
+                f"(ids and times are never floats); {RERUN}."
+            )
+
+
 def load_items(data_dir: str | Path) -> pd.DataFrame:
     """items.parquet with `item_id` dense 0..I-1 (sorted) and stripped, non-empty `title`."""
-    path = _require(check_data_dir(data_dir) / "items.parquet")
-    items = pd.read_parquet(path)
-    missing = [c for c in ("item_id", "title") if c not in items.columns]
+    path = _require(check_processed(data_dir) / "items.parquet")
+    schema = _schema(path)
+    missing = [c for c in ("item_id", "title") if c not in schema.names]
     if missing:
         raise DataFileError(f"{path} lacks the column(s) {missing}.")
+    _check_types(path, schema, {"item_id": "int", "title": "str"})
+    try:
+        items = pd.read_parquet(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataFileError(f"{path} cannot be read as parquet ({e}); {RERUN}.") from None
+    if items["item_id"].isna().any():
+        raise DataFileError(f"{path}: column 'item_id' has missing values.")
     if len(items) == 0:
         raise DataFileError(f"{path} has no items.")
     items = items.sort_values("item_id", kind="stable").reset_index(drop=True)
@@ -121,16 +221,30 @@ def load_samples(data_dir: str | Path, num_items: int | None = None) -> Samples:
     (`num_items` items; read from items.parquet when None)."""
     if num_items is None:
         num_items = len(load_items(data_dir))
-    path = _require(check_data_dir(data_dir) / "samples.parquet")
-    columns = pq.read_schema(path).names
-    missing = [c for c in SAMPLE_COLUMNS if c not in columns]
+    path = _require(check_processed(data_dir) / "samples.parquet")
+    schema = _schema(path)
+    missing = [c for c in SAMPLE_COLUMNS if c not in schema.names]
     if missing:
         raise DataFileError(f"{path} lacks the column(s) {missing}.")
-    table = pq.read_table(path, columns=list(SAMPLE_COLUMNS))
-    for name in SAMPLE_COLUMNS:
+    types = {
+        "user_id": "int",
+        "history": "list<int>",
+        "target": "int",
+        "split": "str",
+        "target_timestamp": "int",
+    }
+    _check_types(path, schema, types)
+    read = [c for c in (*SAMPLE_COLUMNS, "target_timestamp") if c in schema.names]
+    try:
+        table = pq.read_table(path, columns=read)
+    except (pa.ArrowException, OSError) as e:
+        raise DataFileError(f"{path} cannot be read as parquet ({e}); {RERUN}.") from None
+    for name in read:
         if table.column(name).null_count:
             raise DataFileError(f"{path}: column '{name}' has missing values.")
     hist = table.column("history").combine_chunks()
+    if hist.flatten().null_count:
+        raise DataFileError(f"{path}: column 'history' has missing item ids.")
     offsets = hist.offsets.to_numpy().astype(np.int64)
     values = hist.flatten().to_numpy().astype(np.int64)  # flatten() honours slicing; rebase offsets
     offsets = offsets - offsets[0]
