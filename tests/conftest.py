@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+# One thread in the tests and in the processes they start: tiny models gain nothing from a second thread,
+# and OpenMP's spin-waiting on a shared 2-core machine makes a tiny step ~50x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TITLES = [
     "Toy Story (1995)",

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -18,8 +17,13 @@ CONFIGS = sorted(str(p) for p in Path("configs").glob("*.yaml"))  # table cells:
 IAMREC = [sys.executable, "-m", "iamrec.cli"]
 
 
+# One torch thread per process: on a shared 2-core machine OpenMP's spinning threads make a tiny model's
+# step take seconds instead of a tenth of one.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run(args: list[str], cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(IAMREC + args, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return subprocess.run(IAMREC + args, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=ENV)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -71,27 +75,6 @@ def test_fit_then_test_writes_metrics_and_predictions(processed_dir, tmp_path):
 
     module = IAMRecModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert module.hparams.attention["schedule"] == "iam"
-
-
-def test_killed_fit_resumes_from_last_and_finishes_the_same_steps(processed_dir, tmp_path):
-    args = [
-        *_tiny(processed_dir, tmp_path),
-        "--trainer.max_steps=40",
-        "--trainer.val_check_interval=12",
-        "--checkpoint.every_n_train_steps=2",
-    ]
-    proc = subprocess.Popen(IAMREC + ["fit", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # no chance to clean up, as with a lost machine
-    proc.wait()
-    killed_at = torch.load(last, weights_only=False, map_location="cpu")["global_step"]
-    assert 0 < killed_at < 40
-    res = run(["fit", *args, "--ckpt_path=last"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert torch.load(last, weights_only=False, map_location="cpu")["global_step"] == 40
 
 
 def test_bf16_mixed_with_bf16_base_and_fp32_adapters(processed_dir, tmp_path):
@@ -159,7 +142,7 @@ def test_bad_input_gives_one_sentence(processed_dir, tmp_path, extra, message, m
         capture_output=True,
         text=True,
         timeout=300,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        env={**ENV, "HF_HUB_OFFLINE": "1"},
     )
     assert res.returncode == 2
     assert message in res.stderr
@@ -167,14 +150,15 @@ def test_bad_input_gives_one_sentence(processed_dir, tmp_path, extra, message, m
 
 
 def test_empty_test_split_is_reported(tmp_path):
-    from tests.conftest import write_processed
+    from tests.conftest import write_processed, write_stats
 
     data = write_processed(tmp_path / "d")
     samples = pd.read_parquet(data / "samples.parquet")
     samples[samples["split"] != "test"].to_parquet(data / "samples.parquet", index=False)
+    write_stats(data)  # a consistent folder whose test split is empty
     res = run(["test", *_tiny(data, tmp_path / "run")])
     assert res.returncode == 2
-    assert "test" in res.stderr and "empty" in res.stderr and "Traceback" not in res.stderr
+    assert "The test split of" in res.stderr and "is empty" in res.stderr and "Traceback" not in res.stderr
 
 
 @pytest.mark.gpu

@@ -1,52 +1,165 @@
 """`iamrec fit | validate | test | predict --config FILE [--key.path=value ...]` (LightningCLI).
 
-The backbone is named once (`model.backbone`) and linked to the tokenizer of the data module. Errors
-that people cause (a missing dataset, an impossible schedule, an offline hub id, an empty split) are
-printed as one sentence, without a traceback (set IAMREC_DEBUG=1 to see it).
+The backbone is named once (`model.backbone`) and linked to the tokenizer of the data module.
+
+Checkpoints: `fit` writes ``<trainer.default_root_dir>/checkpoints/last.ckpt`` every
+``checkpoint.every_n_train_steps`` optimizer steps (default `CHECKPOINT_EVERY`; 0: only at the end) and
+when training ends, atomically (`iamrec.run_folder.RunCheckpoint`). ``--ckpt_path last`` resumes it
+exactly: the same remaining batches (`IAMDataModule.state_dict`) and dropout masks
+(`IAMRecModule.on_train_batch_start`) as an uninterrupted run. Without a checkpoint ``--ckpt_path last``
+makes `fit` start from step 0 (a notice says so) and stops `test`/`validate` (exit 2, nothing written).
+
+Errors. Expected failures are printed as one sentence, ``iamrec: error: ...``, exit status 2, no traceback:
+the command line and config files (jsonargparse's errors; a YAML syntax error names its file), iamrec's
+own errors (`DataFileError`, `ScheduleError`, `BackboneError`, `CheckpointError`, ... and every
+ValueError raised by iamrec's, Lightning's or jsonargparse's own checks), Lightning's configuration
+errors, a missing or unreadable checkpoint, and the disk refusing a file (not found, permission, full,
+read-only: ENOSPC, EROFS, EACCES, ...). Everything else keeps its traceback: CUDA out of memory, NCCL and
+other distributed errors, other RuntimeErrors, a ValueError raised inside torch/transformers, bugs. Set
+IAMREC_DEBUG=1 to see the traceback of an expected error too.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from iamrec.data import IAMDataModule
-from iamrec.lit_module import IAMRecModule
-from iamrec.run_folder import add_run_checkpoint, format_metrics_table
+from iamrec import run_folder
+from iamrec.run_folder import CheckpointError
 
 # Knobs that change only how a trained model is evaluated: with `--ckpt_path FILE` the command line (or
 # config) wins over the checkpoint's saved hyper-parameters, which Lightning otherwise applies on top.
 EVALUATION_KNOBS = ("num_beams", "ks", "val_generate")
+# Default of `checkpoint.every_n_train_steps`: how often `fit` refreshes last.ckpt (optimizer steps).
+CHECKPOINT_EVERY = 50
+# OSErrors that are the disk's or the user's doing, reported as one sentence.
+DISK_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+    }
+)
+# Packages whose own `raise ValueError(...)` is a check of the user's input, not a bug.
+CHECKING_PACKAGES = ("iamrec", "data_prep", "lightning", "jsonargparse")
+_RESUME_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
 
 
-class IAMRecCLI(LightningCLI):
+class ConfigFileError(ValueError):
+    """A ``--config`` file that is not YAML settings (the message names the file)."""
+
+
+class RunFolderCLI(LightningCLI):
+    """LightningCLI with iamrec's checkpoint rules (shared by `iamrec` and the SASRec baseline):
+    ``--ckpt_path last`` resolved to the run folder's last.ckpt (or a clear stop), checkpoints checked
+    before anything is built, `predict` refused when the model has no `predict_step`."""
+
+    program = "iamrec"
+    evaluation_knobs: tuple[str, ...] = ()
+
     def _parse_ckpt_path(self) -> None:
-        """Lightning's checkpoint hyper-parameters, except the evaluation knobs; say what the checkpoint overrode."""
         sub = self.config.get("subcommand")
         if not sub:
-            return super()._parse_ckpt_path()
+            return
+        from lightning.pytorch import LightningDataModule, LightningModule
+
+        if (
+            sub == "predict"
+            and getattr(self._model_class, "predict_step", None) is LightningModule.predict_step
+        ):
+            raise ValueError(
+                f"{self.program} predict is not implemented yet; use test (it writes predictions.parquet)."
+            )
+        config = self.config[sub]
+        dirpath = config.get("checkpoint.dirpath")
+        given = config.get("ckpt_path")
+        path = run_folder.resolve_ckpt_path(sub, given, dirpath)
+        config["ckpt_path"] = path
+        last = Path(dirpath or run_folder.CHECKPOINTS) / run_folder.LAST_CHECKPOINT
+        if sub == "fit" and path is None:
+            if given == "last":
+                self.notice(f"--ckpt_path last: no checkpoint at {last} yet; this fit starts from step 0.")
+            elif last.is_file():
+                self.notice(
+                    f"note: {last} exists and this fit starts from step 0; it replaces that checkpoint at its "
+                    "first save (--ckpt_path last resumes it instead)."
+                )
+        if path is None or path in ("best", "hpc") or not Path(path).is_file():
+            return  # nothing, a special value Lightning resolves, or a (sharded) checkpoint folder
+        ckpt = run_folder.load_checkpoint_header(path, resume=sub == "fit")
+        self._apply_checkpoint_hparams(sub, path, ckpt)
+        if sub == "fit":
+            self.notice(f"resuming {path} at step {ckpt.get('global_step', '?')}.")
+            if self._datamodule_class.load_state_dict is not LightningDataModule.load_state_dict:
+                if not ckpt.get(self._datamodule_class.__qualname__, {}).get("train_order"):
+                    self.notice(
+                        f"note: {path} records no position in the training order (an older checkpoint); "
+                        "the resumed run restarts its epoch's batches from the beginning."
+                    )
+                warnings.filterwarnings("ignore", message=_RESUME_WARNING)  # the datamodule resumes its order
+
+    def notice(self, text: str) -> None:
+        """A line on stderr, from the first process only (DDP re-runs the command in every process)."""
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            print(f"{self.program}: {text}", file=sys.stderr)
+
+    def _apply_checkpoint_hparams(self, sub: str, path: str, ckpt: dict[str, Any]) -> None:
+        """Lightning's rule (the checkpoint's hyper-parameters over the config), except the evaluation
+        knobs; say what the checkpoint overrode."""
+        from jsonargparse import ArgumentError
+
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         before = self.config[sub]["model"].clone()
-        super()._parse_ckpt_path()
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except (ArgumentError, SystemExit) as err:
+            raise CheckpointError(
+                f"{path} was not saved by this model: its hyper-parameters do not fit it ({_one_line(err)})."
+            ) from None
         model = self.config[sub]["model"]
-        for key in EVALUATION_KNOBS:
+        for key in self.evaluation_knobs:
             model[key] = before[key]
         for key, value in vars(model).items():
             if key in before and before[key] != value:
-                print(
-                    f"iamrec: model.{key} = {value!r} from the checkpoint (the config said {before[key]!r}); "
-                    "the checkpoint's weights were trained with it.",
-                    file=sys.stderr,
+                self.notice(
+                    f"model.{key} = {value!r} from the checkpoint (the config said {before[key]!r}); "
+                    "the checkpoint's weights were trained with it."
                 )
+
+
+class IAMRecCLI(RunFolderCLI):
+    program = "iamrec"
+    evaluation_knobs = EVALUATION_KNOBS
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.backbone", "data.tokenizer")
-        add_run_checkpoint(parser, save_top_k=0)  # <root>/checkpoints/last.ckpt: `--ckpt_path last`
+        # <root>/checkpoints/last.ckpt every checkpoint.every_n_train_steps and at the end: `--ckpt_path last`
+        run_folder.add_run_checkpoint(parser, save_top_k=0, every_n_train_steps=CHECKPOINT_EVERY)
 
     def after_test(self) -> None:
         """Print the most-popular baseline on the same test samples beside the model."""
         from iamrec.baselines.popular import evaluate_popular
+        from iamrec.data import IAMDataModule
 
         dm = self.datamodule
         if not self.trainer.is_global_zero or not isinstance(dm, IAMDataModule):
@@ -54,23 +167,113 @@ class IAMRecCLI(LightningCLI):
         ds = dm.datasets.get("test")
         indices = getattr(ds, "rows", None)  # the exact samples the model was tested on
         popular = evaluate_popular(dm.data_dir, split="test", ks=self.model.ks, sample_indices=indices)
-        print(format_metrics_table({"most-popular": popular}, self.model.ks))
+        print(run_folder.format_metrics_table({"most-popular": popular}, self.model.ks))
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _raised_in(err: BaseException) -> str:
+    """The module of the innermost frame of `err`'s traceback (where it was raised)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+
+
+def _ours(err: BaseException) -> bool:
+    return any(cls.__module__.split(".")[0] in ("iamrec", "data_prep") for cls in type(err).__mro__[:-2])
+
+
+def expected_error(err: BaseException) -> str | None:
+    """The one sentence for an expected failure (see the module docstring), or None: keep the traceback."""
+    from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if isinstance(err, ArgumentError):
+        return _one_line(err).rstrip(".") + " (--help lists the options)."
+    if type(err).__module__.split(".")[0] == "jsonargparse":  # e.g. its PathError: a file it cannot write
+        return _one_line(err)
+    if isinstance(err, OSError):
+        if isinstance(err, run_folder.CheckpointWriteError):
+            return f"{err.strerror}."
+        if isinstance(err, (FileNotFoundError, PermissionError)) or err.errno in DISK_ERRNOS:
+            name = errno.errorcode.get(err.errno or 0, "")
+            where = f"{err.filename}: " if err.filename else ""
+            return f"{where}{err.strerror or _one_line(err)}" + (f" ({name})." if name else ".")
+        return None
+    if _ours(err) or isinstance(err, MisconfigurationException):
+        return _one_line(err)
+    if isinstance(err, ValueError) and _raised_in(err).split(".")[0] in CHECKING_PACKAGES:
+        return _one_line(err)
+    return None
+
+
+def _config_paths(args: Sequence[str]) -> list[str]:
+    paths = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            paths.append(args[i + 1])
+        elif arg.startswith(("--config=", "-c=")):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Every ``--config`` file must be YAML holding a mapping; else a `ConfigFileError` naming that file
+    (jsonargparse's own message names neither file nor line)."""
+    for path in _config_paths(args):
+        if not Path(path).is_file():
+            continue  # jsonargparse names a missing file itself (and --config also takes inline YAML)
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or _one_line(err)
+            raise ConfigFileError(f"{path} is not valid YAML: {problem}{where}.") from None
+        except UnicodeDecodeError:
+            raise ConfigFileError(f"{path} is not a text (YAML) file.") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigFileError(
+                f"{path} holds no settings: a config file is a YAML mapping (trainer:, model:, data: ...), "
+                f"this one holds a {type(data).__name__}."
+            )
+
+
+def run_cli(
+    cli_class: type[RunFolderCLI], model_class: type, datamodule_class: type, args: list[str] | None
+) -> None:
+    """Run `cli_class`; an expected failure becomes one sentence on stderr and exit status 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    no_exit = {"exit_on_error": False}
+    parser_kwargs = {**no_exit, **{sub: no_exit for sub in cli_class.subcommands()}}
+    try:
+        check_config_files(sys.argv[1:] if args is None else args)
+        cli_class(
+            model_class,
+            datamodule_class,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs=parser_kwargs,
+            args=args,
+        )
+    except Exception as err:
+        message = expected_error(err)
+        if message is None or os.environ.get("IAMREC_DEBUG"):
+            raise
+        print(f"{cli_class.program}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(args: list[str] | None = None) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        IAMRecCLI(
-            IAMRecModule,
-            IAMDataModule,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        if os.environ.get("IAMREC_DEBUG"):
-            raise
-        print(f"iamrec: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    from iamrec.data import IAMDataModule
+    from iamrec.lit_module import IAMRecModule
+
+    run_cli(IAMRecCLI, IAMRecModule, IAMDataModule, args)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ Notation: B batch, L sequence length, H hidden size, V vocabulary, N target toke
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,8 @@ class IAMRecModule(L.LightningModule):
         # `load_from_checkpoint` passes the saved hparams back: plain dicts (checkpoints hold no classes).
         attention = ItemAttentionConfig(**attention) if isinstance(attention, dict) else attention
         lora = LoraConfig(**lora) if isinstance(lora, dict) else lora
+        if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
+            raise ValueError(f"model.ks must list cut-offs K >= 1 (e.g. [1, 5, 10, 20]), got {list(ks)!r}.")
         if num_beams < max(ks):
             raise ValueError(f"model.num_beams={num_beams} must be >= the largest K in model.ks={tuple(ks)}.")
         if lr <= 0:
@@ -106,6 +110,15 @@ class IAMRecModule(L.LightningModule):
         # (restoring them after each validation), so without this the backbone trains in eval mode: no
         # dropout, LoRA dropout included.
         self.train()
+        self._dropout_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Dropout draws from torch's global RNG. Reseeding it per batch from (seed, rank, epoch, batch)
+        # makes the masks a function of the position in training alone: a run resumed from a checkpoint
+        # draws the masks an uninterrupted run draws, whatever else used the RNG in between (a
+        # validation, model building on restart); Lightning restores the epoch and batch counters.
+        entropy = [self._dropout_seed % 2**63, self.global_rank, self.current_epoch, batch_idx]
+        torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) % 2**63)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.target_loss(batch)

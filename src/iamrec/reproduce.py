@@ -33,7 +33,9 @@ Each cell x seed runs in `<root>/<dataset>/<method>/seed<k>/` (the run folder of
 
 The newest test outputs (`test_metrics.json`, `predictions.parquet`) are copied up into the seed folder,
 then a `DONE` marker (JSON: profile, commands, seconds) is written. A rerun skips seeds with `DONE`; an interrupted fit
-resumes from `checkpoints/last.ckpt` (`--ckpt_path last`); a finished fit (`FIT_DONE`) is not redone.
+resumes from `checkpoints/last.ckpt` (`--ckpt_path last`); a finished fit (`FIT_DONE`) is not redone. Markers are
+written atomically (`iamrec.run_folder`); a corrupt `DONE` (e.g. truncated by an older release) is named, removed,
+and its cell-seed runs again.
 A cell whose settings equal a finished cell of the other table (`causal`, `iam` and `hatllm` are in both
 Table 2 and the ablation: same resolved config, profile and seed, sibling root `<root>/../<other table>`)
 is not trained again: its results are copied and its `DONE` names the run they came from (`reused_from`).
@@ -301,7 +303,7 @@ def reuse_seed(run_dir: Path, twin: Path) -> None:
 
 
 def _check_profile(run_dir: Path, profile: Profile) -> None:
-    done = run_folder.read_done(run_dir)
+    done = None if run_folder.done_problem(run_dir) else run_folder.read_done(run_dir)
     if done is not None and done.get("profile", profile.name) != profile.name:
         raise ValueError(f"{run_dir} holds a finished run of another profile; use a different --root.")
 
@@ -345,7 +347,8 @@ def expected_seconds(cell: Cell, root: str | Path) -> float | None:
     """Mean `seconds` of the cell's finished seeds under `root` (their `DONE` records), or None."""
     seconds = []
     for dataset, method, _, run_dir in run_folder.finished_runs(root):
-        done = run_folder.read_done(run_dir) if (dataset, method) == (cell.dataset, cell.method) else None
+        same = (dataset, method) == (cell.dataset, cell.method)
+        done = run_folder.read_done(run_dir) if same and run_folder.is_done(run_dir) else None
         if done and isinstance(done.get("seconds"), (int, float)):
             seconds.append(float(done["seconds"]))
     return sum(seconds) / len(seconds) if seconds else None
@@ -409,7 +412,7 @@ def reproduce(
             lines.append(f"{cell.name}: MISSING: {reason} -> {provide}")
             if not dry_run:
                 marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(reason + "\n")
+                run_folder.write_atomic(marker, reason + "\n")
             continue
         expected[cell.name] = command(table, profile, [cell.dataset], seeds, root=root, out=out)
         if marker.is_file() and not dry_run:
@@ -431,6 +434,11 @@ def reproduce(
         for seed in seeds:
             for cell in present:
                 run_dir = cell.run_dir(root, seed)
+                problem = run_folder.done_problem(run_dir)
+                if problem is not None:  # e.g. truncated by a crash mid-write before writes were atomic
+                    say(f"{cell.name} seed{seed}: {problem} Treating it as not done: it runs again.")
+                    if not dry_run:
+                        run_folder.clear_done(run_dir)
                 _check_profile(run_dir, prof)
                 if run_folder.is_done(run_dir):
                     say(f"{cell.name} seed{seed}: done, skipped")
@@ -590,7 +598,9 @@ def update_headers(
         rows = agg[(agg["dataset"] == cell.dataset) & (agg["method"] == cell.method)]
         if rows.empty:
             continue
-        done = [run_folder.read_done(cell.run_dir(root, s)) for s in seeds]
+        done = [
+            run_folder.read_done(d) for d in (cell.run_dir(root, s) for s in seeds) if run_folder.is_done(d)
+        ]
         seconds = [d.get("seconds") for d in done if d is not None]
         seconds = [x for x in seconds if x is not None]
         minutes = sum(seconds) / len(seconds) / 60 if seconds else None

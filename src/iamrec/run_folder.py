@@ -4,8 +4,10 @@ through it.
 
 One run (``trainer.default_root_dir``; under ``iamrec.reproduce``, ``<root>/<dataset>/<method>/seed<k>/``)::
 
-    checkpoints/last.ckpt                     every fit: ``--ckpt_path last`` resumes it, or tests it
-                                              from a new process
+    checkpoints/last.ckpt                     every fit, every ``checkpoint.every_n_train_steps`` optimizer
+                                              steps and at its end: ``--ckpt_path last`` resumes it (the
+                                              same batches and dropout masks as an uninterrupted run), or
+                                              tests it from a new process
     checkpoints/best-*.ckpt                   SASRec only: the best validation epoch (what is tested)
     lightning_logs/version_<n>/test_metrics.json, predictions.parquet
                                               each ``test`` stage (`write_test_outputs`)
@@ -20,18 +22,24 @@ One run (``trainer.default_root_dir``; under ``iamrec.reproduce``, ``<root>/<dat
 ``distinct_items`` and ``schedule``). ``predictions.parquet``: one row per test sample, the columns of
 `PREDICTION_COLUMNS`; ``rank`` is the 0-based rank of the true item (-1: not in the top K).
 
-Lightning-free: `add_run_checkpoint` imports its callback when called.
+Every file here is written atomically (a temporary name in the same folder, fsync, `os.replace`): a
+run killed or out of disk space mid-write leaves the previous file, never a truncated one under the final
+name. Checkpoints go through `RunCheckpoint` (a ModelCheckpoint) and its `AtomicCheckpointIO`.
+
+Lightning-free: `add_run_checkpoint` and `RunCheckpoint` import Lightning when first used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,6 +61,67 @@ PREDICTION_COLUMNS = ("sample_index", "user_id", "target", "rank", "top_items")
 LLM_PREDICTION_COLUMNS = (*PREDICTION_COLUMNS, "invalid_beams")
 
 _SEED_DIR = re.compile(r"^seed(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is absent, unreadable or unfit for the command (the message names the file)."""
+
+
+class MarkerError(ValueError):
+    """A ``DONE`` marker that is not a valid record (truncated or corrupt; the message names the file)."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, read-only folder); the previous checkpoint is intact."""
+
+
+# --------------------------------------------------------------------------------------- atomic writes
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened or synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing; on success it is flushed, fsynced and renamed
+    onto `path` (`os.replace`), on any error removed (`path` keeps its old contents). Temporary files a
+    killed writer left for `path` are removed first."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{_glob_escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` atomically (see `atomic_open`)."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 # ------------------------------------------------------------------------------------ where things are
@@ -83,12 +152,165 @@ def best_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def add_run_checkpoint(parser, **defaults: Any) -> None:
-    """Add a ``checkpoint`` ModelCheckpoint group saving ``last.ckpt`` under ``<default_root_dir>/checkpoints``."""
+    """Add a ``checkpoint`` group (a `RunCheckpoint`) saving ``last.ckpt`` under ``<default_root_dir>/checkpoints``
+    (always that name: no ``last-v1.ckpt``)."""
+    parser.add_lightning_class_args(_checkpoint_classes()[0], "checkpoint")
+    parser.set_defaults(
+        {
+            "checkpoint.save_last": True,
+            "checkpoint.enable_version_counter": False,
+            **{f"checkpoint.{k}": v for k, v in defaults.items()},
+        }
+    )
+    parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+
+
+def __getattr__(name: str) -> Any:
+    """`RunCheckpoint` and `AtomicCheckpointIO`, built on first use (`_checkpoint_classes`)."""
+    if name in ("RunCheckpoint", "AtomicCheckpointIO"):
+        return dict(zip(("RunCheckpoint", "AtomicCheckpointIO"), _checkpoint_classes()))[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _checkpoint_classes():
+    """(RunCheckpoint, AtomicCheckpointIO), defined on first use so that this module imports no Lightning."""
+    import torch
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-    parser.set_defaults({"checkpoint.save_last": True, **{f"checkpoint.{k}": v for k, v in defaults.items()}})
-    parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Lightning's TorchCheckpointIO, but a local checkpoint is written to a temporary file in its own
+        folder, fsynced and renamed onto its name: a killed run or a full disk never leaves a truncated
+        file under the final name (Lightning's own write goes through a temporary file in /tmp that is
+        then *copied* over the target when /tmp is another filesystem)."""
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            if storage_options is not None or not _is_local_file_protocol(path):
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            path = Path(path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_open(path) as f:
+                    torch.save(checkpoint, f)
+            except (OSError, RuntimeError) as err:
+                # torch.save turns a failed write into a RuntimeError raised on top of the OSError
+                cause = _os_error_in(err)
+                if cause is None:
+                    raise
+                kept = (
+                    "the previous checkpoint there is intact" if path.is_file() else "no checkpoint was saved"
+                )
+                raise CheckpointWriteError(
+                    cause.errno,
+                    f"could not write the checkpoint {path} ({cause.strerror or cause}); {kept}",
+                    str(path),
+                ) from err
+
+    class RunCheckpoint(ModelCheckpoint):
+        """ModelCheckpoint that writes atomically (`AtomicCheckpointIO`) and always keeps ``last.ckpt``
+        current: at every trigger (``every_n_train_steps``, or the epoch trigger), whether or not a top-k
+        checkpoint was saved there, and when training ends (the final step, whatever the interval;
+        Lightning 2.6 saves it there only when nothing was saved before)."""
+
+        @property
+        def state_key(self) -> str:  # the key plain ModelCheckpoint used, so older checkpoints restore
+            return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            super().setup(trainer, pl_module, stage)
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+        def _save_last_now(self, trainer) -> None:
+            if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+        def _epoch_trigger(self, trainer) -> bool:
+            every = self._every_n_epochs
+            return every >= 1 and (trainer.current_epoch + 1) % every == 0
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            super().on_train_epoch_end(trainer, pl_module)
+            if self._should_save_on_train_epoch_end(trainer) and self._epoch_trigger(trainer):
+                self._save_last_now(trainer)
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            super().on_validation_end(trainer, pl_module)
+            if not self._should_save_on_train_epoch_end(trainer) and self._epoch_trigger(trainer):
+                self._save_last_now(trainer)
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self._save_last_now(trainer)
+
+    for cls in (RunCheckpoint, AtomicCheckpointIO):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return RunCheckpoint, AtomicCheckpointIO
+
+
+def _os_error_in(err: BaseException | None) -> OSError | None:
+    """The first OSError in `err`'s chain (itself, its cause or context), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, dirpath: str | None) -> str | None:
+    """`--ckpt_path` as the command will use it. ``last`` becomes ``<dirpath>/last.ckpt``; when there is
+    none, `fit` gets None (it starts from step 0; the caller says so) and the other commands a
+    `CheckpointError` (rather than evaluating an untrained model). A path that does not exist is a
+    `CheckpointError`."""
+    if ckpt_path is None or ckpt_path in ("best", "hpc"):
+        return ckpt_path
+    if ckpt_path != "last":
+        if not Path(ckpt_path).exists():
+            raise CheckpointError(f"--ckpt_path {ckpt_path}: no such checkpoint file.")
+        return str(ckpt_path)
+    last = Path(dirpath or CHECKPOINTS) / LAST_CHECKPOINT
+    if last.is_file():
+        return str(last)
+    if subcommand == "fit":
+        return None
+    raise CheckpointError(
+        f"{subcommand} --ckpt_path last: there is no checkpoint {last} (no fit has saved one in that run folder); "
+        "run fit first, or pass the checkpoint file as --ckpt_path."
+    )
+
+
+def load_checkpoint_header(path: str | Path, resume: bool) -> dict[str, Any]:
+    """The checkpoint at `path` (tensors memory-mapped, not read), after checking it is a Lightning
+    checkpoint, and one `fit` can resume when `resume`; else a `CheckpointError` naming the file."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # every checkpoint torch.save writes is a zip archive
+        raise CheckpointError(f"{path} is not a checkpoint (not a file torch.save wrote).")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as err:
+        reason = _first_line(err)[:160]
+        raise CheckpointError(f"{path} is a truncated or corrupt checkpoint ({reason}).") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it holds no state_dict).")
+    if resume and not {"optimizer_states", "loops"} <= set(ckpt):
+        raise CheckpointError(
+            f"{path} holds weights only (no optimizer or loop state); fit cannot resume it (test and validate can)."
+        )
+    return ckpt
 
 
 # ------------------------------------------------------------------------------------- test outputs
@@ -118,8 +340,9 @@ def write_test_outputs(
     if absent:
         raise ValueError(f"predictions lack the column(s) {absent}; iamrec.results pairs users by them.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / METRICS_FILE).write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
-    predictions.to_parquet(run_dir / PREDICTIONS_FILE, index=False)
+    with atomic_open(run_dir / PREDICTIONS_FILE) as f:  # first: test_metrics.json marks complete outputs
+        predictions.to_parquet(f, index=False)
+    write_atomic(run_dir / METRICS_FILE, json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
     print(format_metrics_table({method: metrics}))
     if "distinct_items" in metrics and len(predictions):
         print(
@@ -163,26 +386,55 @@ def latest_test_outputs(run_dir: str | Path) -> Path:
 def copy_test_outputs(source: str | Path, run_dir: str | Path) -> None:
     """Copy ``test_metrics.json`` and ``predictions.parquet`` from `source` into `run_dir`."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    for name in TEST_OUTPUTS:
-        shutil.copy2(Path(source) / name, Path(run_dir) / name)
+    for name in (PREDICTIONS_FILE, METRICS_FILE):  # test_metrics.json last: it marks complete outputs
+        with open(Path(source) / name, "rb") as src, atomic_open(Path(run_dir) / name) as dst:
+            shutil.copyfileobj(src, dst)
 
 
 # ------------------------------------------------------------------------------------------ markers
 
 
 def is_done(run_dir: str | Path) -> bool:
-    """A finished run: ``DONE`` and its ``test_metrics.json``."""
-    return (Path(run_dir) / DONE).is_file() and has_test_outputs(run_dir)
+    """A finished run: a valid ``DONE`` record and its ``test_metrics.json`` (a corrupt ``DONE`` is not done)."""
+    return has_test_outputs(run_dir) and (Path(run_dir) / DONE).is_file() and done_problem(run_dir) is None
 
 
 def read_done(run_dir: str | Path) -> dict[str, Any] | None:
-    """The ``DONE`` record of a run (``{}`` for an empty marker), or None when there is none."""
+    """The ``DONE`` record of a run (``{}`` for an empty marker), or None when there is none; a
+    `MarkerError` naming the file when it is not a JSON object (e.g. truncated)."""
     path = Path(run_dir) / DONE
-    return json.loads(path.read_text() or "{}") if path.is_file() else None
+    if not path.is_file():
+        return None
+    text = path.read_text(errors="replace")
+    try:
+        record = json.loads(text or "{}")
+    except json.JSONDecodeError as err:
+        raise MarkerError(
+            f"{path} is not a valid DONE record (truncated or corrupt JSON: {err.msg})."
+        ) from None
+    if not isinstance(record, dict):
+        raise MarkerError(
+            f"{path} is not a valid DONE record (a JSON {type(record).__name__}, not an object)."
+        )
+    return record
+
+
+def done_problem(run_dir: str | Path) -> str | None:
+    """Why the ``DONE`` marker of `run_dir` is unusable (`read_done`'s sentence), or None (valid or absent)."""
+    try:
+        read_done(run_dir)
+    except MarkerError as err:
+        return str(err)
+    return None
+
+
+def clear_done(run_dir: str | Path) -> None:
+    """Remove the ``DONE`` marker (e.g. a corrupt one, before the run is redone)."""
+    (Path(run_dir) / DONE).unlink(missing_ok=True)
 
 
 def mark_done(run_dir: str | Path, record: Mapping[str, Any]) -> None:
-    (Path(run_dir) / DONE).write_text(json.dumps(dict(record), indent=2) + "\n")
+    write_atomic(Path(run_dir) / DONE, json.dumps(dict(record), indent=2) + "\n")
 
 
 def is_fit_done(run_dir: str | Path) -> bool:
@@ -190,7 +442,7 @@ def is_fit_done(run_dir: str | Path) -> bool:
 
 
 def mark_fit_done(run_dir: str | Path) -> None:
-    (Path(run_dir) / FIT_DONE).write_text("")
+    write_atomic(Path(run_dir) / FIT_DONE, "")
 
 
 def missing_markers(root: str | Path) -> Iterator[tuple[str, str]]:

@@ -31,8 +31,6 @@ states torchmetrics reduces across processes before ``compute()``.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -42,11 +40,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from iamrec.cli import RunFolderCLI, run_cli
 from iamrec.data.dataset import eval_subset_rows, load_items, load_samples
 from iamrec.metrics import DEFAULT_KS, RankingMetrics
 from iamrec.run_folder import PREDICTION_COLUMNS, add_run_checkpoint, write_test_outputs
@@ -470,8 +468,11 @@ class SASRec(L.LightningModule):
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-class SASRecCLI(LightningCLI):
-    """``python -m iamrec.baselines.sasrec``: SASRec + SASRecDataModule, with iamrec's run-folder layout."""
+class SASRecCLI(RunFolderCLI):
+    """``python -m iamrec.baselines.sasrec``: SASRec + SASRecDataModule, with iamrec's run-folder layout and
+    checkpoint rules (``--ckpt_path last``, checked checkpoints; see `iamrec.cli`)."""
+
+    program = "iamrec.baselines.sasrec"
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.max_len", "model.max_len")
@@ -503,13 +504,8 @@ class SASRecCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    try:
-        SASRecCLI(SASRec, SASRecDataModule, save_config_kwargs={"overwrite": True}, args=args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        if os.environ.get("IAMREC_DEBUG"):
-            raise
-        print(f"iamrec.baselines.sasrec: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """Expected failures: one sentence and exit status 2; anything else keeps its traceback (`iamrec.cli`)."""
+    run_cli(SASRecCLI, SASRec, SASRecDataModule, args)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,25 @@
 
 The catalogue side (`items`, `titles`, `tokenizer`, `encoder`, `answer_token_ids`) loads lazily on first
 use, so the LightningModule can build its decoding trie before `setup` runs; samples load in `setup`.
+
+Resuming: the training order is a function of ``(data.seed, epoch)`` (`iamrec.data.sampler`). Every
+checkpoint holds this module's `state_dict`: the position in that order (epoch, batches of it done, from
+Lightning's own progress counters, which it checkpoints and restores with the loops) and what the order
+depends on. `load_state_dict` (Lightning calls it before it asks for the train loader) makes the next
+`train_dataloader` start exactly there, so a resumed run trains on the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import hashlib
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from iamrec.data.collate import Collator
@@ -28,7 +36,7 @@ from iamrec.data.dataset import (
 )
 from iamrec.data.encoding import PromptEncoder
 from iamrec.data.prompt import PromptTemplate
-from iamrec.data.sampler import LengthGroupedBatchSampler
+from iamrec.data.sampler import LengthGroupedBatchSampler, ResumableBatchSampler, SeededRandomSampler
 
 
 def _check_positive(name: str, value: int | None, allow_none: bool = False, minimum: int = 1) -> None:
@@ -112,6 +120,7 @@ class IAMDataModule(L.LightningDataModule):
         self.predict_split, self.seed = predict_split, seed
         self.datasets: dict[str, SampleDataset] = {}
         self._samples: Samples | None = None
+        self._resume: dict[str, Any] | None = None  # the train position of a loaded checkpoint
 
     # --- catalogue (lazy) ----------------------------------------------------------------------------
     @cached_property
@@ -178,15 +187,74 @@ class IAMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset("train")
-        generator = torch.Generator().manual_seed(self.seed)
-        common = dict(collate_fn=self._collator(False), num_workers=self.num_workers)
+        resume_at = self._resume_at(ds)
+        sampler = SeededRandomSampler(ds, self.seed)
         if self.bucket_by_length:
-            # Under DDP Lightning swaps `sampler` for a DistributedSampler (see sampler.py).
-            batch_sampler = LengthGroupedBatchSampler(
-                RandomSampler(ds, generator=generator), self.batch_size, False, ds.lengths, self.seed
+            batch_sampler: ResumableBatchSampler = LengthGroupedBatchSampler(
+                sampler, self.batch_size, False, ds.lengths, self.seed, resume_at=resume_at
             )
-            return DataLoader(ds, batch_sampler=batch_sampler, **common)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, generator=generator, **common)
+        else:
+            batch_sampler = ResumableBatchSampler(sampler, self.batch_size, False, resume_at=resume_at)
+        # Under DDP Lightning swaps `sampler` for a DistributedSampler (see sampler.py). The loader's own
+        # generator only seeds worker processes; it keeps the loader off torch's global RNG.
+        return DataLoader(
+            ds,
+            batch_sampler=batch_sampler,
+            collate_fn=self._collator(False),
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    # --- resuming ------------------------------------------------------------------------------------
+    def _order_key(self, ds: SampleDataset) -> dict[str, Any]:
+        """What the training order depends on besides the epoch (a checkpoint's order must match it)."""
+        rows = np.asarray(ds.rows, dtype=np.int64)
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "bucket_by_length": self.bucket_by_length,
+            "train_rows": f"{len(rows)}:{hashlib.sha1(rows.tobytes()).hexdigest()[:16]}",
+        }
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, batches of it done) by Lightning's progress counters at this moment of `fit`."""
+        loop = self.trainer.fit_loop
+        epochs = loop.epoch_progress.current
+        epoch, done = epochs.processed, 0
+        if epochs.started > epochs.processed:  # inside epoch `processed`
+            done = loop.epoch_loop.batch_progress.current.processed
+            if done >= self.trainer.num_training_batches:
+                epoch, done = epoch + 1, 0
+        return epoch, done
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position (checkpointed by Lightning with every checkpoint of `fit`)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.fn != "fit" or "train" not in self.datasets:
+            return {}
+        epoch, done = self._train_position()
+        return {
+            "train_order": {**self._order_key(self.datasets["train"]), "epoch": epoch, "batches_done": done}
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = state_dict.get("train_order")
+
+    def _resume_at(self, ds: SampleDataset) -> tuple[int, int] | None:
+        """The loaded checkpoint's position (once), after checking it belongs to this training order."""
+        state, self._resume = self._resume, None
+        if not state:
+            return None
+        key = self._order_key(ds)
+        for name, value in key.items():
+            if state.get(name) != value:
+                what = "data.data_dir / data.max_train_samples" if name == "train_rows" else f"data.{name}"
+                raise ValueError(
+                    f"the checkpoint was trained with another training order ({what}: {state.get(name)!r} "
+                    f"there, {value!r} now); resume with the settings it was trained with, or start a new fit "
+                    "in another trainer.default_root_dir."
+                )
+        return int(state["epoch"]), int(state["batches_done"])
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
