@@ -247,7 +247,7 @@ def test_sparse_scores_and_sliced_head_change_nothing_but_cost(model, trie):
 
 
 def test_sparse_top_equals_dense_top_with_placeholder_beams():
-    from iamrec.decoding.beam import _NEG, _dense_top, _normaliser, _sparse_top
+    from iamrec.decoding.scoring import NEG, dense_top, normaliser, sparse_top
 
     trie = TitleTrie.from_sequences(_catalogue(), 600)
     gen = torch.Generator().manual_seed(0)
@@ -257,9 +257,9 @@ def test_sparse_top_equals_dense_top_with_placeholder_beams():
     nodes[0, 0], nodes[0, 1], nodes[1, 2] = 0, -1, leaves[0]  # the root, off the trie, a leaf
     logits = torch.randn(b * k, 600, generator=gen) * 3
     run_scores = -10 * torch.rand(b, k, generator=gen)
-    run_scores[2, 1:] = _NEG  # placeholder beams, as at the first step
-    sparse_scores, sparse_idx = _sparse_top(logits, _normaliser(logits), nodes, run_scores, trie)
-    dense_scores, dense_idx = _dense_top(logits, nodes, run_scores, trie)
+    run_scores[2, 1:] = NEG  # placeholder beams, as at the first step
+    sparse_scores, sparse_idx = sparse_top(logits, normaliser(logits), nodes, run_scores, trie)
+    dense_scores, dense_idx = dense_top(logits, nodes, run_scores, trie)
     assert torch.equal(sparse_idx, dense_idx)
     assert torch.allclose(sparse_scores, dense_scores, atol=1e-5)
     assert bool((dense_scores[2] < -1e8).any())  # the case really has placeholders in the top 2K

@@ -150,7 +150,7 @@ class IAMDataModule(L.LightningDataModule):
 
     @property
     def answer_token_ids(self) -> list[list[int]]:
-        """Per item id: the answer tokens + EOS, exactly as trained (`encode_answer`); for the trie."""
+        """Per item id: the answer tokens + EOS, exactly as trained (`PromptEncoder.answer_ids`, built by `encode_answers`); for the trie."""
         return self.encoder.answer_ids
 
     # --- samples -------------------------------------------------------------------------------------

@@ -1,17 +1,16 @@
-"""Constrained decoding over the catalogue: a title trie and batched beam search (DESIGN.md §1).
+"""Constrained decoding over the catalogue: a title trie and batched beam search, fast and reference.
 
-trie.py   TitleTrie: answers (title tokens + EOS) as CSR tensors; vectorised allowed-token masks
-beam.py   constrained_beam_search (fast path) and reference_beam_search (HF generate), equal beams
+trie.py            TitleTrie: answers (title tokens + EOS) as CSR tensors; vectorised allowed tokens
+beam.py            constrained_beam_search, the fast path: HF's beam search steps on one beam state
+scoring.py         the fast path's step scoring: LM head, top 2K trie-allowed continuations
 shared_prompt.py   the fast path's decode cache: prompt keys/values once per prompt, answers per beam
+reference.py       reference_beam_search: HF generate + prefix_allowed_tokens_fn, the same beams
+result.py          BeamResult, what both return
 """
 
-from iamrec.decoding.beam import (
-    BeamResult,
-    beam_generation_config,
-    constrained_beam_search,
-    prefix_table,
-    reference_beam_search,
-)
+from iamrec.decoding.beam import constrained_beam_search
+from iamrec.decoding.reference import beam_generation_config, prefix_table, reference_beam_search
+from iamrec.decoding.result import BeamResult
 from iamrec.decoding.trie import TitleTrie
 
 __all__ = [

@@ -42,7 +42,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
-from iamrec.attention.masks import kind_rule
+from iamrec.attention import base_model, installed_state, kind_rule
 from iamrec.segments import TARGET
 
 ATTENTION_NAME = "iam_shared_prompt"
@@ -220,15 +220,11 @@ def shared_prompt_attention(
     return out.reshape(r, 1, h, d), None
 
 
-def _hf(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 @contextlib.contextmanager
 def decode_attention(model: nn.Module):
     """Switch the model to `shared_prompt_attention` for the decode steps, restoring its own afterwards."""
     AttentionInterface.register(ATTENTION_NAME, shared_prompt_attention)
-    config = _hf(model).config
+    config = base_model(model).config
     saved = config._attn_implementation
     config._attn_implementation = ATTENTION_NAME
     try:
@@ -239,5 +235,5 @@ def decode_attention(model: nn.Module):
 
 def item_state(model: nn.Module) -> tuple[dict[int, str], bool]:
     """``(slot -> kind, context_visible)`` of the installed item-aware attention (empty, True if none)."""
-    state = getattr(_hf(model), "_iam_state", None)
+    state = installed_state(model)
     return ({}, True) if state is None else (state.slot_kind, state.context_visible)

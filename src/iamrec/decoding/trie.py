@@ -3,9 +3,11 @@
 Notation: ``V`` vocabulary size, ``N`` trie nodes (node 0 is the root), ``E = N - 1`` edges, ``M`` the
 number of beams queried at once (batch x beams, flattened), ``I`` catalogue items.
 
-Each catalogue item's answer is its title's tokens followed by EOS (``encode_answer`` in
-``iamrec.data``). The trie holds every answer as a path from the root; the node reached after the EOS is
-a *leaf* that lists the items with exactly that answer (duplicate titles list several items).
+Each catalogue item's answer is its title's tokens as they follow the response header, plus EOS: the
+training labels' answer ids, ``PromptEncoder.answer_ids`` (``iamrec.data.encode_answers``), which the
+datamodule hands to `TitleTrie.from_sequences` as ``answer_token_ids``. The trie holds every answer as a
+path from the root; the node reached after the EOS is a *leaf* that lists the items with exactly that
+answer (duplicate titles list several items).
 With EOS = 2 and answers ``A = [5, 7, 2]``, ``B = [5, 9, 2]``, ``C = [5, 2]``, ``D = [5, 7, 2]``
 (item ids 0..3; ``D`` duplicates ``A``, ``C`` is a token-level prefix of both)::
 
@@ -81,7 +83,7 @@ class TitleTrie:
             if not s or s[-1] != eos:
                 raise ValueError(
                     f"answer of item {i} is {list(s)}; every answer must end with the same EOS token "
-                    f"({eos}) — build answers with iamrec.data.encode_answer."
+                    f"({eos}) — build answers with iamrec.data.encode_answers (PromptEncoder.answer_ids)."
                 )
             if eos in s[:-1]:
                 raise ValueError(f"answer of item {i} contains EOS ({eos}) before its end: {list(s)}.")
