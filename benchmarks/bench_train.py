@@ -26,14 +26,14 @@ from iamrec.lit_module import IAMRecModule
 from iamrec.model import LoraConfig
 
 
-def batches(args) -> list[dict[str, torch.Tensor]]:
+def batches(args, batch_size: int) -> list[dict[str, torch.Tensor]]:
     dm = IAMDataModule(
         args.data,
         args.model,
-        batch_size=args.batch,
+        batch_size=batch_size,
         max_length=args.max_length,
         bucket_by_length=True,
-        max_train_samples=args.batch * (args.steps + args.warmup),
+        max_train_samples=batch_size * (args.steps + args.warmup),
         num_workers=0,
     )
     dm.setup("fit")
@@ -48,7 +48,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=".assets/models/SmolLM2-135M-Instruct")
     p.add_argument("--data", default="data/processed/ml100k")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, nargs="+", default=[8], help="batch size(s), measured in turn")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--steps", type=int, default=6, help="timed steps per schedule")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule first")
@@ -63,7 +63,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    data = batches(args)
     module = IAMRecModule(
         args.model, ItemAttentionConfig("causal"), LoraConfig(r=args.lora) if args.lora else None
     ).to(args.device)
@@ -83,41 +82,46 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    times: dict[str, list[float]] = {s: [] for s in args.schedules}
-    for i, batch in enumerate(data):
-        for schedule in args.schedules:
-            apply_item_attention(module.model, config=ItemAttentionConfig(schedule))
-            sync()
-            start = time.perf_counter()
-            with autocast:
-                loss = module.target_loss(batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync()
-            if i >= args.warmup:
-                times[schedule].append(time.perf_counter() - start)
+    for batch_size in args.batch:
+        data = batches(args, batch_size)
+        times: dict[str, list[float]] = {s: [] for s in args.schedules}
+        for i, batch in enumerate(data):
+            for schedule in args.schedules:
+                apply_item_attention(module.model, config=ItemAttentionConfig(schedule))
+                sync()
+                start = time.perf_counter()
+                with autocast:
+                    loss = module.target_loss(batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync()
+                if i >= args.warmup:
+                    times[schedule].append(time.perf_counter() - start)
 
-    timed = data[args.warmup :]
-    samples = sum(b["input_ids"].shape[0] for b in timed)
-    tokens = sum(int(b["attention_mask"].sum()) for b in timed)
-    padded = sum(b["input_ids"].numel() for b in timed)
-    print(
-        f"model={args.model} device={args.device} precision={args.precision} "
-        f"{'lora r=' + str(args.lora) if args.lora else 'full fine-tuning'} batch={args.batch} "
-        f"steps={len(timed)} compile={args.compile} torch={torch.__version__} | "
-        f"{tokens / samples:.0f} tokens/sample, padding {1 - tokens / padded:.1%}"
-    )
-    ref = sum(times[args.schedules[0]])
-    print(
-        f"{'schedule':<22}{'s/step (median)':>16}{'samples/s':>11}{'tokens/s':>11}{'x ' + args.schedules[0]:>12}"
-    )
-    for schedule, ts in times.items():
-        total = sum(ts)
-        median = sorted(ts)[len(ts) // 2]
+        timed = data[args.warmup :]
+        samples = sum(b["input_ids"].shape[0] for b in timed)
+        tokens = sum(int(b["attention_mask"].sum()) for b in timed)
+        padded = sum(b["input_ids"].numel() for b in timed)
         print(
-            f"{schedule:<22}{median:>16.4f}{samples / total:>11.1f}{tokens / total:>11.0f}{total / ref:>12.3f}"
+            f"model={args.model} device={args.device} precision={args.precision} "
+            f"{'lora r=' + str(args.lora) if args.lora else 'full fine-tuning'} batch={batch_size} "
+            f"steps={len(timed)} compile={args.compile} torch={torch.__version__} | "
+            f"{tokens / samples:.0f} tokens/sample, padding {1 - tokens / padded:.1%}"
         )
+        ref = sum(times[args.schedules[0]])
+        print(
+            f"{'schedule':<22}{'s/step (median)':>16}{'samples/s':>11}{'tokens/s':>11}"
+            f"{'x ' + args.schedules[0]:>12}"
+        )
+        for schedule, ts in times.items():
+            total = sum(ts)
+            median = sorted(ts)[len(ts) // 2]
+            print(
+                f"{schedule:<22}{median:>16.4f}{samples / total:>11.1f}{tokens / total:>11.0f}"
+                f"{total / ref:>12.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

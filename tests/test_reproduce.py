@@ -7,8 +7,12 @@ No model is trained: the stage subprocesses are replaced by a fake that writes w
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -191,8 +195,11 @@ def test_cpu_profile_resolves_as_before(in_repo) -> None:
 def _fake_stages(calls: list[list[str]]):
     """Stand-in for the fit/test subprocesses: writes last.ckpt on fit and the test outputs on test."""
 
-    def run(argv, check=True):
+    def run(argv, log=None):
         calls.append(argv)
+        if log is not None:
+            with open(log, "a") as f:
+                f.write(f"{argv[3]} output\n")
         root = Path(next(a for a in argv if a.startswith("--trainer.default_root_dir=")).split("=", 1)[1])
         if argv[3] == "fit":
             (root / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -206,7 +213,6 @@ def _fake_stages(calls: list[list[str]]):
             pd.DataFrame(
                 {"sample_index": [0, 1], "user_id": [0, 1], "target": [1, 2], "rank": [0, -1]}
             ).to_parquet(out / "predictions.parquet")
-        return subprocess.CompletedProcess(argv, 0)
 
     return run
 
@@ -227,7 +233,7 @@ def workspace(processed_dir: Path, tmp_path: Path, monkeypatch) -> Path:
 
 def test_run_skips_finished_and_resumes(workspace: Path, monkeypatch) -> None:
     calls: list[list[str]] = []
-    monkeypatch.setattr(rp.subprocess, "run", _fake_stages(calls))
+    monkeypatch.setattr(rp, "_call", _fake_stages(calls))
     root = workspace / "runs"
     rp.reproduce("table2", ["ml100k"], [0, 1], "small", root=root, out=workspace / "results" / "table2")
     assert len(calls) == 4 * 2 * 2  # sasrec, causal, hatllm, iam x 2 seeds x (fit, test); popular in-process
@@ -270,7 +276,7 @@ def test_run_skips_finished_and_resumes(workspace: Path, monkeypatch) -> None:
 
 def test_missing_dataset_is_listed_not_an_error(workspace: Path, monkeypatch) -> None:
     calls: list[list[str]] = []
-    monkeypatch.setattr(rp.subprocess, "run", _fake_stages(calls))
+    monkeypatch.setattr(rp, "_call", _fake_stages(calls))
     root = workspace / "runs"
     plan_text = rp.reproduce("table2", ["ml100k", "toys"], [0], "small", root=root, dry_run=True)
     assert "toys/iam: MISSING: no processed data (data/processed/toys/samples.parquet)" in plan_text
@@ -394,7 +400,7 @@ def test_methods_restrict_what_runs(workspace: Path) -> None:
 
 def test_ablation_reuses_finished_table2_cells_of_the_same_settings(workspace: Path, monkeypatch) -> None:
     calls: list[list[str]] = []
-    monkeypatch.setattr(rp.subprocess, "run", _fake_stages(calls))
+    monkeypatch.setattr(rp, "_call", _fake_stages(calls))
     runs = workspace / "runs"
     rp.reproduce("table2", ["ml100k"], [0], "small", root=runs / "table2", methods=["iam", "causal"])
     calls.clear()
@@ -462,12 +468,12 @@ def test_a_failed_cell_seed_does_not_stop_the_others(workspace: Path, monkeypatc
     calls: list[list[str]] = []
     fake = _fake_stages(calls)
 
-    def run(argv, check=True):
+    def run(argv, log=None):
         if argv[3] == "fit" and "--config=configs/table2/ml100k/hatllm.yaml" in argv:
             raise subprocess.CalledProcessError(1, argv)
-        return fake(argv, check)
+        return fake(argv, log)
 
-    monkeypatch.setattr(rp.subprocess, "run", run)
+    monkeypatch.setattr(rp, "_call", run)
     with pytest.raises(rp.CellFailed, match=r"1 cell-seed\(s\) failed: ml100k/hatllm seed0") as info:
         rp.reproduce("table2", ["ml100k"], [0], "small", root=workspace / "runs", out=workspace / "t2")
     assert is_done(workspace / "runs/ml100k/iam/seed0")  # the cell after the failed one ran
@@ -507,3 +513,74 @@ def test_tiny_profile_time_budget_stops_then_a_rerun_continues(workspace: Path, 
     assert "| popular | 2 |" in text and "| iam | 1 |" in text
     assert "- ml100k/iam seed1 (expected 10.0 min from its finished seeds" in text
     assert f"`{cont.replace('--seeds 0', '--seeds 0 1')} --minutes 0.5`" in text
+
+
+def test_jobs_run_cell_seeds_side_by_side(workspace: Path, monkeypatch) -> None:
+    """--jobs 3: up to three cell-seeds run at once (never more), in seed-major start order, each stage's
+    output in its seed folder's reproduce.log; a failure is still reported and does not stop the rest."""
+    calls: list[list[str]] = []
+    fake = _fake_stages(calls)
+    lock, alive, most, started = threading.Lock(), [0], [0], []
+
+    def run(argv, log=None):
+        with lock:
+            alive[0] += 1
+            most[0] = max(most[0], alive[0])
+            if argv[3] == "fit":
+                started.append(next(a for a in argv if a.startswith("--trainer.default_root_dir=")))
+        time.sleep(1.0)  # long enough for the others to start beside it
+        try:
+            if (
+                argv[3] == "fit"
+                and "--config=configs/table2/ml100k/hatllm.yaml" in argv
+                and "seed1" in str(log)
+            ):
+                raise subprocess.CalledProcessError(1, argv)
+            return fake(argv, log)
+        finally:
+            with lock:
+                alive[0] -= 1
+
+    monkeypatch.setattr(rp, "_call", run)
+    root = workspace / "runs"
+    with pytest.raises(rp.CellFailed, match=r"1 cell-seed\(s\) failed: ml100k/hatllm seed1"):
+        rp.reproduce("table2", ["ml100k"], [0, 1], "small", root=root, out=workspace / "t2", jobs=3)
+    assert most[0] == 3  # side by side, never more than --jobs
+    order = [s.split("/ml100k/")[1] for s in started]
+    logged = "fit output\ntest output\n"
+    assert set(order[:4]) == {"sasrec/seed0", "causal/seed0", "hatllm/seed0", "iam/seed0"}  # seed-major
+    for method in ("sasrec", "causal", "hatllm", "iam"):
+        for seed in (0, 1):
+            run_dir = root / "ml100k" / method / f"seed{seed}"
+            ok = (method, seed) != ("hatllm", 1)  # the failing fake raises before it writes output
+            assert is_done(run_dir) == ok and (not ok or (run_dir / "reproduce.log").read_text() == logged)
+    with pytest.raises(ValueError, match="--jobs must be at least 1"):
+        rp.reproduce("table2", ["ml100k"], [0], "small", root=root, jobs=0)
+
+
+def test_an_interrupted_parallel_run_stops_its_stages_and_reports(workspace: Path, monkeypatch) -> None:
+    """SIGTERM-like interruption while cell-seeds run side by side: every stage process is terminated
+    (none left running), and the report lists the unfinished cell-seeds."""
+    sleepers: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def popen(argv, **kw):  # the real _call machinery, with a stage that would run for a minute
+        proc = real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kw)
+        sleepers.append(proc)
+        return proc
+
+    monkeypatch.setattr(rp.subprocess, "Popen", popen)
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    previous = signal.signal(signal.SIGTERM, rp._terminated)
+    timer.start()
+    try:
+        with pytest.raises(SystemExit):
+            rp.reproduce(
+                "table2", ["ml100k"], [0], "small", root=workspace / "runs", out=workspace / "t2", jobs=2
+            )
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert len(sleepers) == 2 and all(p.poll() is not None for p in sleepers)  # both stopped, none left
+    text = (workspace / "t2.md").read_text()
+    assert "ml100k/causal seed0 (stopped before it finished" in text and "| popular | 1 |" in text

