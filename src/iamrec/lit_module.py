@@ -269,3 +269,19 @@ class IAMRecModule(L.LightningModule):
                 )
             strict = False
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # ------------------------------------------------------------------ predict: recommendations
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        """Each prompt's distinct catalogue answers, best first (`iamrec.recommend`); the CLI's
+        `iamrec.predict.RecommendationWriter` keeps the top K and writes recommendations.jsonl."""
+        from iamrec.recommend import search, top_recommendations
+
+        dm = self.trainer.datamodule
+        result = search(self.model, batch, self._trie_for(dm), self.hparams.num_beams)
+        return {
+            "sample_index": batch["sample_index"].tolist(),
+            # plain dicts: Lightning moves step outputs through apply_to_collection (no frozen dataclasses)
+            "recommendations": [
+                [r.as_dict() for r in recs] for recs in top_recommendations(result, dm.titles)
+            ],
+        }

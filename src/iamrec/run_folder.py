@@ -11,6 +11,9 @@ One run (``trainer.default_root_dir``; under ``iamrec.reproduce``, ``<root>/<dat
     checkpoints/best-*.ckpt                   SASRec only: the best validation epoch (what is tested)
     lightning_logs/version_<n>/test_metrics.json, predictions.parquet
                                               each ``test`` stage (`write_test_outputs`)
+    lightning_logs/version_<n>/recommendations.jsonl
+                                              each ``predict`` stage (`write_recommendations`; the lines
+                                              are described in `iamrec.predict`)
     test_metrics.json, predictions.parquet    the newest test outputs, copied up by `iamrec.reproduce`
                                               (most-popular writes them here directly)
     FIT_DONE                                  the fit stage finished (not redone on a rerun)
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
 METRICS_FILE = "test_metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"
 TEST_OUTPUTS = (METRICS_FILE, PREDICTIONS_FILE)
+RECOMMENDATIONS_FILE = "recommendations.jsonl"
 DONE = "DONE"
 FIT_DONE = "FIT_DONE"
 MISSING = "MISSING"
@@ -350,6 +354,14 @@ def write_test_outputs(
             f"{metrics['distinct_items']:.2f} on average (beam search repeats an answer in slots it cannot fill)"
         )
     print(f"wrote {run_dir / METRICS_FILE} and {run_dir / PREDICTIONS_FILE}")
+
+
+def write_recommendations(run_dir: str | Path, records: list[Mapping[str, Any]]) -> Path:
+    """Write ``recommendations.jsonl`` (one JSON object per record) into `run_dir` atomically; its path."""
+    path = Path(run_dir) / RECOMMENDATIONS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 def has_test_outputs(run_dir: str | Path) -> bool:

@@ -13,6 +13,7 @@ depends on. `load_state_dict` (Lightning calls it before it asks for the train l
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 from functools import cached_property
 from typing import Any, Literal
 
@@ -35,6 +36,13 @@ from iamrec.data.dataset import (
     subset_rows,
 )
 from iamrec.data.encoding import PromptEncoder
+from iamrec.data.histories import (
+    Catalogue,
+    HistoryDataset,
+    HistoryFileError,
+    HistoryLineError,
+    read_histories,
+)
 from iamrec.data.prompt import PromptTemplate
 from iamrec.data.sampler import LengthGroupedBatchSampler, ResumableBatchSampler, SeededRandomSampler
 
@@ -72,7 +80,10 @@ class IAMDataModule(L.LightningDataModule):
         max_eval_samples: Evaluate on a fixed seeded subset of this many valid/test samples, the same
             across runs and ranks and the same rows SASRec and most-popular score (`eval_subset_rows`;
             None: all).
-        predict_split: Which split `predict` runs on.
+        predict_split: Which split `predict` runs on (unless `predict_file` is given).
+        predict_file: A JSONL file of histories for `predict` instead of a split: one
+            ``{"history": [...], "user": ...}`` object per line, items as titles or item ids (see
+            `iamrec.data.histories`). Lines naming unknown items are reported and skipped.
         seed: Seeds the training shuffle, the bucketing and the subsets.
     """
 
@@ -93,6 +104,7 @@ class IAMDataModule(L.LightningDataModule):
         max_eval_samples: int | None = None,
         predict_split: Literal["valid", "test"] = "test",
         seed: int = 0,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__()
         _check_positive("max_items", max_items, allow_none=True, minimum=0)
@@ -118,6 +130,11 @@ class IAMDataModule(L.LightningDataModule):
         self.bucket_by_length = bucket_by_length
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.predict_split, self.seed = predict_split, seed
+        self.predict_file = predict_file
+        # Saved in every checkpoint: `iamrec.recommend` rebuilds the exact training prompts from them.
+        self.save_hyperparameters(ignore=("template",))
+        self.hparams["template"] = asdict(self.template)
+        self.predict_errors: list[HistoryLineError] = []  # the predict_file lines that got no prompt
         self.datasets: dict[str, SampleDataset] = {}
         self._samples: Samples | None = None
         self._resume: dict[str, Any] | None = None  # the train position of a loaded checkpoint
@@ -176,7 +193,7 @@ class IAMDataModule(L.LightningDataModule):
             "fit": ("train", "valid"),
             "validate": ("valid",),
             "test": ("test",),
-            "predict": (self.predict_split,),
+            "predict": () if self.predict_file else (self.predict_split,),
         }
         for split in needs.get(stage or "", SPLITS):
             self._dataset(split)
@@ -272,4 +289,21 @@ class IAMDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.predict_split)
+        if not self.predict_file:
+            return self._eval_loader(self.predict_split)
+        if "predict" not in self.datasets:
+            histories, self.predict_errors = read_histories(self.predict_file, Catalogue(self.titles))
+            if not histories:
+                first = self.predict_errors[0]
+                raise HistoryFileError(
+                    f"data.predict_file {self.predict_file}: no line holds a usable history "
+                    f"(line {first.line}: {first.message})"
+                )
+            self.datasets["predict"] = HistoryDataset(self.encoder, histories)  # type: ignore[assignment]
+        return DataLoader(
+            self.datasets["predict"],
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self._collator(True),
+            num_workers=self.num_workers,
+        )

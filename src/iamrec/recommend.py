@@ -1,0 +1,314 @@
+"""Recommend with a trained model from Python: `Recommender`.
+
+    from iamrec.recommend import Recommender
+
+    rec = Recommender.from_checkpoint("runs/demo/checkpoints/last.ckpt")   # or .from_exported("export/")
+    rec.recommend(["Toy Story (1995)", "Heat (1995)"], k=10)   # [Recommendation(item_id, title, score), ...]
+    rec.recommend_batch([["Toy Story (1995)"], [0, 49]], k=5)  # titles or item ids, oldest first
+
+Everything is the training code's: the prompt (`iamrec.data.PromptEncoder` with the checkpoint's data
+settings: template, ``max_items``, ``max_length``; see `iamrec.data.histories` for the one length rule
+without a known answer), the padding (`iamrec.data.Collator`), the title trie and the constrained beam
+search (`iamrec.decoding`). `iamrec predict` (the `predict_step` of the LightningModule) decodes through
+`search` and `top_recommendations` below as well.
+
+Scores are HF beam scores: the sum of the title's token log-probabilities (EOS included) under the
+model, ``length_penalty=0`` as in evaluation; higher is better. A title that several items share names the
+smallest of their ids. Beam search keeps ``num_beams`` answers, and a repeated or off-catalogue answer is
+dropped, so up to ``num_beams`` distinct items come back (``k`` must not exceed ``num_beams``).
+
+``python -m iamrec.recommend CHECKPOINT`` prints one tested user's history, the top 10 and the true next
+item (the end of `make demo`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from iamrec.attention import base_model
+from iamrec.data import Collator, PromptEncoder, PromptTemplate
+from iamrec.data.histories import Catalogue, UnknownItemError, encode_history, longest_answer
+from iamrec.decoding import BeamResult, TitleTrie, constrained_beam_search
+
+# The data module's defaults, for checkpoints saved before it recorded its settings.
+DATA_DEFAULTS: dict[str, Any] = {"max_items": 10, "max_length": 512, "template": None}
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One recommended item: its id (items.parquet), title and beam score (higher is better)."""
+
+    item_id: int
+    title: str
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def search(model: nn.Module, batch: dict[str, torch.Tensor], trie: TitleTrie, num_beams: int) -> BeamResult:
+    """Constrained beam search over the catalogue for the left-padded prompts of a `Collator` batch."""
+    return constrained_beam_search(
+        model,
+        batch["prompt_input_ids"],
+        batch["prompt_attention_mask"],
+        batch["prompt_segment_ids"],
+        trie,
+        num_beams=num_beams,
+    )
+
+
+def top_recommendations(
+    result: BeamResult, titles: Sequence[str], k: int | None = None
+) -> list[list[Recommendation]]:
+    """Per prompt, its beams' catalogue answers best first, each title once, at most `k` (None: all)."""
+    out = []
+    scores = result.scores.tolist()
+    for items_per_beam, beam_scores in zip(result.items, scores):
+        recs: list[Recommendation] = []
+        seen: set[int] = set()
+        for items, score in zip(items_per_beam, beam_scores):
+            item = min(items) if items else -1
+            if item < 0 or item in seen:  # off the catalogue, or a repeat filling a free slot
+                continue
+            seen.add(item)
+            recs.append(Recommendation(item, titles[item], float(score)))
+        out.append(recs[:k] if k is not None else recs)
+    return out
+
+
+def load_trained(path: str | Path, num_beams: int | None = None, seed: int = 0):
+    """(IAMRecModule with the checkpoint's weights, the data module's recorded settings) of an `iamrec fit`
+    checkpoint or of a run folder holding ``checkpoints/last.ckpt`` (see `Recommender.from_checkpoint`
+    for `seed`)."""
+    from iamrec.lit_module import IAMRecModule
+    from iamrec.run_folder import CheckpointError, last_checkpoint, load_checkpoint_header
+
+    path = Path(path)
+    if path.is_dir():
+        path = last_checkpoint(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file.")
+    header = load_checkpoint_header(path, resume=False)
+    data = dict(header.get("datamodule_hyper_parameters") or {})
+    overrides = {"num_beams": num_beams} if num_beams is not None else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = IAMRecModule.load_from_checkpoint(path, map_location="cpu", **overrides)
+    return module.eval(), data
+
+
+class Recommender:
+    """Top-K next items for histories of titles or item ids, with a trained item-aware model.
+
+    Args:
+        model: The trained model (item-aware attention installed; peft-wrapped or merged).
+        tokenizer: Its tokenizer.
+        titles: Item titles by item id (the catalogue the model was trained on).
+        template: The prompt template training used.
+        max_items: Most recent history items a prompt keeps (training's ``data.max_items``).
+        max_length: Training's ``data.max_length`` (see `iamrec.data.histories` for the rule).
+        num_beams: Beams of the constrained search (the most recommendations one call can return).
+        batch_size: Histories decoded together by `recommend_batch`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        titles: Sequence[str],
+        template: PromptTemplate | None = None,
+        max_items: int | None = 10,
+        max_length: int = 512,
+        num_beams: int = 20,
+        batch_size: int = 8,
+    ) -> None:
+        if num_beams < 1 or batch_size < 1:
+            raise ValueError(f"num_beams ({num_beams}) and batch_size ({batch_size}) must be >= 1.")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.catalogue = Catalogue(titles)
+        self.encoder = PromptEncoder(tokenizer, template or PromptTemplate(), titles, max_items, max_length)
+        self.collate = Collator(tokenizer.pad_token_id, with_prompt=True)
+        self.trie = TitleTrie.from_sequences(self.encoder.answer_ids, base_model(model).config.vocab_size)
+        self.num_beams, self.batch_size = num_beams, batch_size
+        self._longest = longest_answer(self.encoder)
+
+    @property
+    def titles(self) -> list[str]:
+        return self.catalogue.titles
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # --- building ------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        data_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        num_beams: int | None = None,
+        seed: int = 0,
+    ) -> Recommender:
+        """The model of an `iamrec fit` checkpoint (its hyper-parameters rebuild it, then its weights load)
+        with the catalogue and prompt settings of the data module it was trained with.
+
+        Args:
+            path: A ``last.ckpt`` (or a run folder holding ``checkpoints/last.ckpt``).
+            data_dir: The processed dataset; default the ``data.data_dir`` the checkpoint records.
+            device: Where the model runs.
+            num_beams: Beams of the search (default the checkpoint's ``model.num_beams``).
+            seed: Seeds the weights the checkpoint does not hold: only a LoRA checkpoint of the random
+                ``tiny`` backbones (tests) lacks base weights; training drew them after
+                ``seed_everything`` (0 in the shipped configs).
+        """
+        from iamrec.model.loading import load_tokenizer
+        from iamrec.run_folder import CheckpointError
+
+        module, data = load_trained(path, num_beams, seed)
+        data_dir = data_dir or data.get("data_dir")
+        if data_dir is None:
+            raise CheckpointError(
+                f"{path} records no data folder (it predates recorded data settings); pass data_dir= "
+                "(the processed dataset it was trained on)."
+            )
+        model = module.model.to(device)
+        tokenizer = load_tokenizer(data.get("tokenizer") or module.hparams.backbone)
+        return cls._with_data(model, tokenizer, data_dir, data, module.hparams.num_beams)
+
+    @classmethod
+    def from_exported(
+        cls,
+        folder: str | Path,
+        data_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        num_beams: int | None = None,
+    ) -> Recommender:
+        """The model of an `iamrec export` folder (`iamrec.model.load_exported`), with the data settings
+        it records; `data_dir` defaults to the one it was trained on."""
+        from iamrec.model.export import load_exported
+
+        model, tokenizer, settings = load_exported(folder)
+        data = settings.get("data", {})
+        data_dir = data_dir or data.get("data_dir")
+        if data_dir is None:
+            raise ValueError(f"{folder} records no data folder; pass data_dir= (the processed dataset).")
+        return cls._with_data(model.to(device), tokenizer, data_dir, data, num_beams or settings["num_beams"])
+
+    @classmethod
+    def _with_data(cls, model, tokenizer, data_dir, data: dict[str, Any], num_beams: int) -> Recommender:
+        from iamrec.data import load_items
+
+        settings = {**DATA_DEFAULTS, **{k: v for k, v in data.items() if k in DATA_DEFAULTS}}
+        template = settings["template"]
+        template = PromptTemplate(**template) if isinstance(template, dict) else template
+        titles = load_items(data_dir)["title"].tolist()
+        return cls(
+            model,
+            tokenizer,
+            titles,
+            template,
+            settings["max_items"],
+            settings["max_length"],
+            num_beams,
+            batch_size=int(data.get("eval_batch_size") or 8),
+        )
+
+    # --- recommending --------------------------------------------------------------------------------
+    def item_ids(self, history: Sequence[str | int]) -> list[int]:
+        """The item ids of a history of titles and/or ids; `UnknownItemError` names an unknown title and
+        the closest catalogue titles."""
+        return list(self.catalogue.resolve(history))
+
+    def recommend(self, history: Sequence[str | int], k: int = 10) -> list[Recommendation]:
+        """The top `k` next items for one history (titles or item ids, oldest first)."""
+        return self.recommend_batch([history], k)[0]
+
+    def recommend_batch(
+        self, histories: Sequence[Sequence[str | int]], k: int = 10
+    ) -> list[list[Recommendation]]:
+        """`recommend` for many histories, decoded `batch_size` at a time; one list per history."""
+        if not 1 <= k <= self.num_beams:
+            raise ValueError(f"k={k} must lie in 1..num_beams={self.num_beams} (raise num_beams for more).")
+        resolved = []
+        for i, history in enumerate(histories):
+            try:
+                resolved.append(self.catalogue.resolve(history))
+            except UnknownItemError as err:
+                where = f"history {i}: " if len(histories) > 1 else ""
+                raise UnknownItemError(f"{where}{err}") from None
+        out: list[list[Recommendation]] = []
+        with torch.inference_mode():
+            for start in range(0, len(resolved), self.batch_size):
+                rows = [
+                    encode_history(self.encoder, items, start + j, self._longest)
+                    for j, items in enumerate(resolved[start : start + self.batch_size])
+                ]
+                batch = {k_: v.to(self.device) for k_, v in self.collate(rows).items()}
+                result = search(self.model, batch, self.trie, self.num_beams)
+                out += top_recommendations(result, self.titles, k)
+        return out
+
+
+# ----------------------------------------------------------------------------------------- the demo
+
+
+def show_test_user(
+    checkpoint: str | Path, data_dir: str | Path | None = None, k: int = 10, index: int = 0
+) -> str:
+    """One tested user's history, the model's top `k` and the true next item, as printable text.
+
+    The user is sample `index` of the test rows the checkpoint's run evaluates (``data.max_eval_samples``,
+    ``data.seed``: the rows `iamrec test` scored).
+    """
+    from iamrec.data import eval_subset_rows, load_samples
+    from iamrec.run_folder import last_checkpoint, load_checkpoint_header
+
+    checkpoint = Path(checkpoint)
+    checkpoint = last_checkpoint(checkpoint) if checkpoint.is_dir() else checkpoint
+    rec = Recommender.from_checkpoint(checkpoint, data_dir)
+    data = dict(load_checkpoint_header(checkpoint, resume=False).get("datamodule_hyper_parameters") or {})
+    data_dir = data_dir or data["data_dir"]
+    samples = load_samples(data_dir, len(rec.titles))
+    rows = eval_subset_rows(samples, "test", data.get("max_eval_samples"), int(data.get("seed") or 0))
+    row = int(rows[index % len(rows)])
+    history, target = samples.history(row), int(samples.target[row])
+    recs = rec.recommend(history, k=k)
+    rank = next((i for i, r in enumerate(recs) if rec.titles[r.item_id] == rec.titles[target]), None)
+    lines = [f"Test user {int(samples.user_id[row])} (row {row} of samples.parquet), history oldest first:"]
+    lines += [f"  {i + 1:>2}. {rec.titles[item]}" for i, item in enumerate(history)]
+    found = f"ranked {rank + 1}" if rank is not None else f"not in the top {k}"
+    lines.append(f"True next item: {rec.titles[target]} ({found}). The model's top {k}:")
+    for i, r in enumerate(recs):
+        mark = "   <- the true next item" if i == rank else ""
+        lines.append(f"  {i + 1:>2}. [{r.item_id:>4}] {r.title}  (score {r.score:.3f}){mark}")
+    return "\n".join(lines)
+
+
+def main(args: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m iamrec.recommend",
+        description="Print one tested user's history, the model's top K and the true next item.",
+    )
+    parser.add_argument("checkpoint", help="last.ckpt of an iamrec fit, or its run folder")
+    parser.add_argument("--data_dir", default=None, help="default: the data folder the checkpoint records")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--index", type=int, default=0, help="which of the tested samples")
+    ns = parser.parse_args(args)
+    from iamrec.cli import guarded
+
+    print(guarded(lambda: show_test_user(ns.checkpoint, ns.data_dir, ns.k, ns.index)))
+
+
+if __name__ == "__main__":
+    main()
