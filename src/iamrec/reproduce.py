@@ -468,7 +468,8 @@ def reproduce(
                 lines.extend(block)
                 if dry_run:
                     continue
-                print("\n".join(block), flush=True)
+                k = list(seeds).index(seed) * len(present) + present.index(cell) + 1  # progress: [k/N]
+                print(f"[{k}/{len(seeds) * len(present)}] " + "\n".join(block), flush=True)
                 try:
                     run_seed(cell, seed, root, prof)
                 except (subprocess.CalledProcessError, FileNotFoundError) as err:
