@@ -65,7 +65,9 @@ def main() -> None:
 
     module = IAMRecModule(
         args.model, ItemAttentionConfig("causal"), LoraConfig(r=args.lora) if args.lora else None
-    ).to(args.device)
+    )
+    module.configure_model()
+    module.to(args.device)
     module.train()
     hf = module.hf_model
     if args.compile:

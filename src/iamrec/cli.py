@@ -5,10 +5,16 @@ The backbone is named once (`model.backbone`) and linked to the tokenizer of the
 
 Checkpoints: `fit` writes ``<trainer.default_root_dir>/checkpoints/last.ckpt`` every
 ``checkpoint.every_n_train_steps`` optimizer steps (default `CHECKPOINT_EVERY`; 0: only at the end) and
-when training ends, atomically (`iamrec.run_folder.RunCheckpoint`). ``--ckpt_path last`` resumes it
+when training ends, atomically (`iamrec.run_folder.RunCheckpoint`), and ``best.ckpt`` beside it after each
+validation that lowers ``val/loss`` (``best_checkpoint.*``; ``--ckpt_path best`` names it). ``--ckpt_path last`` resumes it
 exactly: the same remaining batches (`IAMDataModule.state_dict`) and dropout masks
 (`IAMRecModule.on_train_batch_start`) as an uninterrupted run. Without a checkpoint ``--ckpt_path last``
 makes `fit` start from step 0 (a notice says so) and stops `test`/`validate` (exit 2, nothing written).
+
+Optimizer: AdamW and the schedule of ``model.scheduler`` / ``model.warmup_steps``
+(`IAMRecModule.configure_optimizers`); LightningCLI's ``--optimizer`` / ``--lr_scheduler`` are refused
+(one sentence, exit 2) rather than silently replacing them or being silently replaced. ``trainer.strategy:
+fsdp`` shards each decoder layer (`iamrec.strategy`).
 
 Errors. Expected failures are printed as one sentence, ``iamrec: error: ...``, exit status 2, no traceback:
 the command line and config files (jsonargparse's errors; a YAML syntax error names its file), iamrec's
@@ -72,6 +78,10 @@ class ConfigFileError(ValueError):
     """A ``--config`` file that is not YAML settings (the message names the file)."""
 
 
+class OptionError(ValueError):
+    """An option or config key this command does not take (the message names it and what to set instead)."""
+
+
 class RunFolderCLI(LightningCLI):
     """LightningCLI with iamrec's checkpoint rules (shared by `iamrec` and the SASRec baseline):
     ``--ckpt_path last`` resolved to the run folder's last.ckpt (or a clear stop), checkpoints checked
@@ -79,6 +89,13 @@ class RunFolderCLI(LightningCLI):
 
     program = "iamrec"
     evaluation_knobs: tuple[str, ...] = ()
+    # The model configures its own optimizer and schedule: LightningCLI's --optimizer / --lr_scheduler
+    # are refused (`check_optimizer_options`) instead of silently replacing them.
+    own_optimizer = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_configure_optimizers", not self.own_optimizer)
+        super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
         sub = self.config.get("subcommand")
@@ -158,6 +175,15 @@ class RunFolderCLI(LightningCLI):
 class IAMRecCLI(RunFolderCLI):
     program = "iamrec"
     evaluation_knobs = EVALUATION_KNOBS
+    own_optimizer = True
+
+    def instantiate_trainer(self, **kwargs: Any):
+        """``trainer.strategy: fsdp`` becomes FSDP with one unit per decoder layer (`iamrec.strategy`)."""
+        if self._get(self.config_init, "trainer", default={}).get("strategy") == "fsdp":
+            from iamrec.strategy import fsdp_strategy
+
+            kwargs.setdefault("strategy", fsdp_strategy(self.model.hparams.backbone))
+        return super().instantiate_trainer(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.backbone", "data.tokenizer")
@@ -165,6 +191,8 @@ class IAMRecCLI(RunFolderCLI):
         run_folder.add_run_checkpoint(parser, save_top_k=0, every_n_train_steps=CHECKPOINT_EVERY)
         # `predict` writes recommendations.jsonl: --recommend.top_k (idle in the other subcommands)
         parser.add_lightning_class_args(RecommendationWriter, "recommend")
+        # <root>/checkpoints/best.ckpt: the weights at the lowest val/loss so far (`--ckpt_path best`)
+        run_folder.add_best_checkpoint(parser, monitor="val/loss", mode="min")
 
     def after_predict(self) -> None:
         """Report the histories-file lines that got no recommendations; exit status 1 if any."""
@@ -272,6 +300,25 @@ def check_config_files(args: Sequence[str]) -> None:
             )
 
 
+OPTIMIZER_OPTIONS = ("optimizer", "lr_scheduler")
+
+
+def check_optimizer_options(args: Sequence[str]) -> None:
+    """Refuse LightningCLI's ``--optimizer`` / ``--lr_scheduler`` (command line or a ``--config`` file) with
+    one sentence: the model's optimizer and schedule are set by its own keys, never replaced silently."""
+    keys = [a.split("=", 1)[0] for a in args if a.startswith("--")]
+    given = [k for k in keys if k[2:].split(".")[0] in OPTIMIZER_OPTIONS]
+    for path in _config_paths(args):
+        if Path(path).is_file():
+            data = yaml.safe_load(Path(path).read_text())
+            given += [f"{k}: in {path}" for k in OPTIMIZER_OPTIONS if isinstance(data, dict) and k in data]
+    if given:
+        raise OptionError(
+            f"{given[0]} is not supported: iamrec trains with AdamW and its own schedule; set model.lr, "
+            "model.weight_decay, model.warmup_steps and model.scheduler (cosine, linear or constant) instead."
+        )
+
+
 def run_cli(
     cli_class: type[RunFolderCLI], model_class: type, datamodule_class: type, args: list[str] | None
 ) -> None:
@@ -280,7 +327,10 @@ def run_cli(
     no_exit = {"exit_on_error": False}
     parser_kwargs = {**no_exit, **{sub: no_exit for sub in cli_class.subcommands()}}
     try:
-        check_config_files(sys.argv[1:] if args is None else args)
+        argv = sys.argv[1:] if args is None else args
+        check_config_files(argv)
+        if cli_class.own_optimizer:
+            check_optimizer_options(argv)
         cli_class(
             model_class,
             datamodule_class,

@@ -10,7 +10,6 @@ Notation: B batch, L sequence length, H hidden size, V vocabulary, N target toke
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -29,11 +28,26 @@ from iamrec.model import LoraConfig, build_model
 from iamrec.run_folder import LLM_PREDICTION_COLUMNS, write_test_outputs
 
 
+def _unwrapped(name: str) -> str:
+    """A parameter's name without the wrappers FSDP and activation checkpointing insert in the module tree
+    (the names of a full state dict have none)."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
 class IAMRecModule(L.LightningModule):
     """An item-aware LLM recommender (IAM) — or any schedule of attention kinds — trained with LoRA or fully.
 
-    The model is built by `iamrec.model.build_model`; this class adds the loss, the optimiser and the
-    evaluation loop.
+    The model is built by `iamrec.model.build_model` in `configure_model` (Lightning calls it once the
+    strategy is set up, so FSDP can shard it as it is built and DDP builds it on the device;
+    `load_from_checkpoint` calls it too; a script calls ``module.configure_model()`` before using
+    ``module.model``). This class adds the loss, the optimiser and the evaluation loop.
+
+    Full fine-tuning (``lora: null``) keeps fp32 parameters (AdamW's master weights) and computes in bf16
+    through ``trainer.precision: bf16-mixed``; bf16 weights would lose every update below bf16's precision,
+    so ``model_dtype: bfloat16`` and ``trainer.precision: bf16-true`` are refused without LoRA. With LoRA
+    the frozen base may be bf16 (the adapters stay fp32).
 
     Args:
         backbone: Model spec: ``tiny`` (random, tests), a local folder (e.g.
@@ -42,13 +56,15 @@ class IAMRecModule(L.LightningModule):
             ``.context_visible``, ``.split_at``, ``.hatllm_bands``).
         lora: LoRA adapters (``model.lora.r``, ``.alpha``, ``.dropout``, ``.target_modules``), or ``null``
             for full fine-tuning of every weight.
-        model_dtype: dtype of the base weights: ``float32`` or ``bfloat16`` (with LoRA the adapters stay
-            fp32; pair with ``trainer.precision: bf16-mixed``).
+        model_dtype: dtype of the base weights: ``float32`` or ``bfloat16`` (LoRA only: the frozen base;
+            the adapters stay fp32; pair with ``trainer.precision: bf16-mixed``).
         gradient_checkpointing: Recompute activations in backward (saves memory, costs ~30% time).
         lr: Peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
-        warmup_steps: Linear warmup steps (a float in (0, 1) is a fraction of the total steps).
-        scheduler: Decay after warmup: ``cosine``, ``linear`` or ``constant``.
+        warmup_steps: Linear warmup steps (a float in (0, 1) is a fraction of the total steps): the
+            learning rate of step ``s < warmup`` is ``lr * (s + 1) / (warmup + 1)``.
+        scheduler: Decay after warmup to 0 at the last step: ``cosine``, ``linear`` or ``constant``
+            (torch's schedulers, see `configure_optimizers`).
         num_beams: Beams in constrained decoding (must be >= the largest K).
         ks: Cut-offs for HR@K and NDCG@K.
         val_generate: Also decode on the validation set each epoch (slow; otherwise only target loss).
@@ -79,21 +95,58 @@ class IAMRecModule(L.LightningModule):
             raise ValueError(f"model.num_beams={num_beams} must be >= the largest K in model.ks={tuple(ks)}.")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}.")
+        if lora is None and model_dtype != "float32":
+            raise ValueError(
+                f"model.model_dtype={model_dtype} with model.lora=null would train {model_dtype} weights "
+                "(updates below its precision are lost); full fine-tuning keeps float32 weights: set "
+                "model.model_dtype=float32 with trainer.precision=bf16-mixed, or train LoRA adapters."
+            )
         self.save_hyperparameters(ignore=("attention", "lora"))
         self.hparams["attention"] = asdict(attention)
         self.hparams["lora"] = asdict(lora) if lora is not None else None
-        self.model = build_model(backbone, attention, lora, model_dtype, gradient_checkpointing)
+        self._model_settings = (backbone, attention, lora, model_dtype, gradient_checkpointing)
         self.ks = tuple(ks)
         self._trie = None
         self._predictions: list[dict[str, Any]] = []
+
+    def configure_model(self) -> None:
+        """Build ``self.model`` (once: later calls do nothing).
+
+        Lightning calls this inside the strategy's contexts: on the device under DDP, before the FSDP
+        wrapping under FSDP (``trainer.strategy: fsdp`` shards each decoder layer, see `iamrec.strategy`),
+        and before a checkpoint's weights are loaded (fit resume, ``test --ckpt_path``,
+        `load_from_checkpoint`).
+        """
+        if "model" in self._modules:
+            return
+        backbone, attention, lora, model_dtype, gradient_checkpointing = self._model_settings
+        precision = str(self._trainer.precision) if self._trainer is not None else ""
+        if lora is None and precision in ("bf16-true", "16-true", "bf16", "16"):
+            raise ValueError(
+                f"trainer.precision={precision} with model.lora=null would train half-precision weights; "
+                "use trainer.precision=bf16-mixed (float32 weights, bf16 compute) or train LoRA adapters."
+            )
+        self.model = build_model(backbone, attention, lora, model_dtype, gradient_checkpointing)
 
     # ------------------------------------------------------------------ loss on target tokens only
     @property
     def hf_model(self):
         """The transformers model (inside the peft wrapper when training LoRA)."""
+        if "model" not in self._modules:
+            raise RuntimeError(
+                "IAMRecModule builds its model in configure_model(): call module.configure_model() first "
+                "(Lightning calls it in fit, validate, test and load_from_checkpoint)."
+            )
         return base_model(self.model)
 
-    def target_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def target_loss(self, batch: dict[str, torch.Tensor], global_mean: bool = False) -> torch.Tensor:
+        """Mean cross-entropy over the batch's target tokens.
+
+        `global_mean`: under DDP/FSDP, divide the summed loss by the mean target-token count of all
+        processes' batches instead of this batch's own: DDP averages the processes' gradients, so the
+        step is then exactly the step of one process on the union of the batches (processes holding
+        titles of different lengths would otherwise weigh their tokens differently).
+        """
         hf = self.hf_model
         hidden = hf.model(  # (B, L, H); the decoder stack alone, the LM head comes below
             input_ids=batch["input_ids"],
@@ -103,7 +156,14 @@ class IAMRecModule(L.LightningModule):
         labels = batch["labels"][:, 1:]  # position t predicts token t + 1
         where = labels != IGNORE_INDEX  # (B, L-1)
         logits = hf.get_output_embeddings()(hidden[:, :-1][where])  # (N, V) — only target positions
-        return F.cross_entropy(logits.float(), labels[where])
+        if not (global_mean and self._trainer is not None and self.trainer.world_size > 1):
+            return F.cross_entropy(logits.float(), labels[where])
+        import torch.distributed as dist
+
+        count = where.sum().to(torch.float32)
+        dist.all_reduce(count)  # target tokens of all processes' batches
+        total = F.cross_entropy(logits.float(), labels[where], reduction="sum")
+        return total * self.trainer.world_size / count
 
     def on_fit_start(self) -> None:
         # from_pretrained returns an eval-mode model and Lightning keeps the modes it finds at fit start
@@ -121,8 +181,11 @@ class IAMRecModule(L.LightningModule):
         torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) % 2**63)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.target_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        loss = self.target_loss(batch, global_mean=True)
+        # sync_dist: the mean over processes of the globally normalised losses is the loss of the union
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -226,6 +289,15 @@ class IAMRecModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
+        """AdamW (``model.lr``, ``model.weight_decay``) over the trainable parameters, stepped per optimizer
+        step by torch's schedulers: `LinearLR` warmup from ``lr / (warmup + 1)`` to ``lr`` over
+        ``model.warmup_steps``, then `CosineAnnealingLR` / `LinearLR` to 0 at the last step, or constant.
+
+        The run's optimizer and schedule are always these: the `iamrec` command refuses LightningCLI's
+        ``--optimizer`` / ``--lr_scheduler`` (`iamrec.cli`), so no setting is dropped silently.
+        """
+        from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+
         params = [p for p in self.parameters() if p.requires_grad]
         # fused: one kernel for all parameters on CUDA (a large share of a 135M full fine-tuning step)
         fused = all(p.is_cuda for p in params)
@@ -235,29 +307,29 @@ class IAMRecModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = self.hparams.warmup_steps
         warmup = int(warm * total) if 0 < warm < 1 else int(warm)
-        if warmup >= total and self.hparams.scheduler != "constant":
+        kind = self.hparams.scheduler
+        if warmup >= total and kind != "constant":
             raise ValueError(
                 f"model.warmup_steps={warm} leaves no decay: the run has only {total} optimizer steps; "
                 "lower it or train longer."
             )
-        kind = self.hparams.scheduler
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if kind == "constant":
-                return 1.0
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else max(0.0, 1 - progress)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        if kind == "cosine":
+            decay = CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=0.0)
+        elif kind == "linear":
+            decay = LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=total - warmup)
+        else:
+            decay = ConstantLR(optimizer, factor=1.0, total_iters=0)
+        scheduler = decay
+        if warmup > 0:
+            ramp = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+            scheduler = SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ adapter-only checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With LoRA keep only trainable weights: the base is rebuilt from `backbone` (in hparams)."""
         if self.hparams.lora:
-            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            trainable = {_unwrapped(n) for n, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

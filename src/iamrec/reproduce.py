@@ -536,6 +536,8 @@ def reproduce(
                 lines.extend(block)
                 if dry_run:
                     continue
+                k = list(seeds).index(seed) * len(present) + present.index(cell) + 1  # progress: [k/N]
+                block[0] = f"[{k}/{len(seeds) * len(present)}] " + block[0]
                 if pool is not None:
                     log = run_dir / "reproduce.log"
                     name_log[f"{cell.name} seed{seed}"] = log

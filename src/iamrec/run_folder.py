@@ -8,6 +8,9 @@ One run (``trainer.default_root_dir``; under ``iamrec.reproduce``, ``<root>/<dat
                                               steps and at its end: ``--ckpt_path last`` resumes it (the
                                               same batches and dropout masks as an uninterrupted run), or
                                               tests it from a new process
+    checkpoints/best.ckpt                     the LLM's weights at its best validation so far
+                                              (``best_checkpoint.monitor``, default ``val/loss``, lowest),
+                                              saved right after that validation; ``--ckpt_path best``
     checkpoints/best-*.ckpt                   SASRec only: the best validation epoch (what is tested)
     lightning_logs/version_<n>/test_metrics.json, predictions.parquet
                                               each ``test`` stage (`write_test_outputs`)
@@ -56,6 +59,7 @@ FIT_DONE = "FIT_DONE"
 MISSING = "MISSING"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+BEST_CHECKPOINT = "best.ckpt"
 
 # predictions.parquet, every method: sample_index (row of samples.parquet), user_id, target, rank, and
 # top_items (the recommended item ids, best first; the LLM names each beam by the smallest item id its
@@ -169,16 +173,40 @@ def add_run_checkpoint(parser, **defaults: Any) -> None:
     parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
 
 
+def add_best_checkpoint(parser, monitor: str = "val/loss", mode: str = "min") -> None:
+    """Add a ``best_checkpoint`` group (a `BestCheckpoint`) keeping ``best.ckpt`` beside ``last.ckpt``: the
+    weights at the best `monitor` value so far, saved right after the validation that measured it
+    (``--best_checkpoint.save_top_k=0`` turns it off)."""
+    parser.add_lightning_class_args(_checkpoint_classes()[2], "best_checkpoint")
+    parser.set_defaults(
+        {
+            "best_checkpoint.monitor": monitor,
+            "best_checkpoint.mode": mode,
+            "best_checkpoint.save_top_k": 1,
+            "best_checkpoint.filename": Path(BEST_CHECKPOINT).stem,
+            "best_checkpoint.auto_insert_metric_name": False,
+            "best_checkpoint.save_last": False,
+            "best_checkpoint.save_on_train_epoch_end": False,
+            "best_checkpoint.enable_version_counter": False,
+        }
+    )
+    parser.link_arguments("trainer.default_root_dir", "best_checkpoint.dirpath", compute_fn=checkpoint_dir)
+
+
+_CLASSES = ("RunCheckpoint", "AtomicCheckpointIO", "BestCheckpoint")
+
+
 def __getattr__(name: str) -> Any:
-    """`RunCheckpoint` and `AtomicCheckpointIO`, built on first use (`_checkpoint_classes`)."""
-    if name in ("RunCheckpoint", "AtomicCheckpointIO"):
-        return dict(zip(("RunCheckpoint", "AtomicCheckpointIO"), _checkpoint_classes()))[name]
+    """`RunCheckpoint`, `AtomicCheckpointIO` and `BestCheckpoint`, built on first use (`_checkpoint_classes`)."""
+    if name in _CLASSES:
+        return dict(zip(_CLASSES, _checkpoint_classes()))[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.cache
 def _checkpoint_classes():
-    """(RunCheckpoint, AtomicCheckpointIO), defined on first use so that this module imports no Lightning."""
+    """(RunCheckpoint, AtomicCheckpointIO, BestCheckpoint), defined on first use so that this module imports
+    no Lightning."""
     import torch
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
     from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
@@ -248,9 +276,13 @@ def _checkpoint_classes():
         def on_train_end(self, trainer, pl_module) -> None:
             self._save_last_now(trainer)
 
-    for cls in (RunCheckpoint, AtomicCheckpointIO):
+    class BestCheckpoint(RunCheckpoint):
+        """``best.ckpt``: the checkpoint at the best value of ``monitor`` so far, written atomically right
+        after each validation that improves it (never at a later step, whose weights were not measured)."""
+
+    for cls in (RunCheckpoint, AtomicCheckpointIO, BestCheckpoint):
         cls.__module__, cls.__qualname__ = __name__, cls.__name__
-    return RunCheckpoint, AtomicCheckpointIO
+    return RunCheckpoint, AtomicCheckpointIO, BestCheckpoint
 
 
 def _os_error_in(err: BaseException | None) -> OSError | None:
@@ -272,8 +304,11 @@ def _first_line(err: BaseException) -> str:
 def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, dirpath: str | None) -> str | None:
     """`--ckpt_path` as the command will use it. ``last`` becomes ``<dirpath>/last.ckpt``; when there is
     none, `fit` gets None (it starts from step 0; the caller says so) and the other commands a
-    `CheckpointError` (rather than evaluating an untrained model). A path that does not exist is a
-    `CheckpointError`."""
+    `CheckpointError` (rather than evaluating an untrained model). ``best`` becomes
+    ``<dirpath>/best.ckpt`` when there is one (else Lightning resolves it). A path that does not exist is
+    a `CheckpointError`."""
+    if ckpt_path == "best" and (Path(dirpath or CHECKPOINTS) / BEST_CHECKPOINT).is_file():
+        return str(Path(dirpath or CHECKPOINTS) / BEST_CHECKPOINT)
     if ckpt_path is None or ckpt_path in ("best", "hpc"):
         return ckpt_path
     if ckpt_path != "last":

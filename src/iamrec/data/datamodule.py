@@ -211,8 +211,11 @@ class IAMDataModule(L.LightningDataModule):
                 sampler, self.batch_size, False, ds.lengths, self.seed, resume_at=resume_at
             )
         else:
-            batch_sampler = ResumableBatchSampler(sampler, self.batch_size, False, resume_at=resume_at)
-        # Under DDP Lightning swaps `sampler` for a DistributedSampler (see sampler.py). The loader's own
+            batch_sampler = ResumableBatchSampler(
+                sampler, self.batch_size, False, resume_at=resume_at, seed=self.seed
+            )
+        # Under DDP Lightning swaps `sampler` for a DistributedSampler, reseeded by the batch sampler
+        # (see sampler.py: the same order on one and several devices). The loader's own
         # generator only seeds worker processes; it keeps the loader off torch's global RNG.
         return DataLoader(
             ds,

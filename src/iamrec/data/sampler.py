@@ -22,8 +22,16 @@ count, which advances by one per iteration (`set_epoch` fixes it).
 
 DDP: both batch samplers subclass `BatchSampler` and take `sampler` as their first argument, so Lightning
 (`use_distributed_sampler=True`, the default) re-creates them around a `DistributedSampler` (keeping the
-other arguments, `resume_at` included): each rank batches its own shard, every rank gets the same number
-of batches and skips the same number on resume.
+other arguments, `resume_at` and `seed` included): each rank batches its own shard, every rank gets the
+same number of batches and skips the same number on resume.
+
+The same order on one and on several devices: Lightning seeds the `DistributedSampler` it injects from
+``seed_everything`` and draws epoch `e` from ``seed + e``. The batch sampler reseeds it (`seed`) so that it
+draws the permutation `SeededRandomSampler` draws for ``(data.seed, epoch)``; rank `r` of `W` then takes
+positions ``r, r + W, ...`` of it, so batch `k` of the `W` ranks (batch size `b` each) holds exactly the
+samples of batch `k` of one process with batch size ``W * b``. (Without bucketing; `LengthGroupedBatchSampler`
+groups each rank's shard by length, a seeded order of its own.) ``data.seed`` alone fixes the data order;
+``seed_everything`` fixes weight initialisation and dropout.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from collections.abc import Iterator, Sequence, Sized
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, Sampler
 
 
 class SeededRandomSampler(RandomSampler):
@@ -72,6 +80,8 @@ class ResumableBatchSampler(BatchSampler):
         drop_last: Drop the one incomplete batch.
         resume_at: ``(epoch, batches_done)``: the next iteration is that epoch, without its first
             `batches_done` batches (None: start at the beginning).
+        seed: The shuffle seed (``data.seed``) a shuffling `DistributedSampler` inside is given, so it
+            draws `SeededRandomSampler`'s permutation (see the module docstring; None: left as it is).
     """
 
     def __init__(
@@ -80,8 +90,10 @@ class ResumableBatchSampler(BatchSampler):
         batch_size: int,
         drop_last: bool = False,
         resume_at: tuple[int, int] | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(sampler, batch_size, drop_last)
+        self.seed = seed
         if resume_at is not None and (len(resume_at) != 2 or min(resume_at) < 0):
             raise ValueError(f"resume_at must be (epoch, batches_done) >= 0, got {resume_at!r}.")
         self.resume_at = tuple(resume_at) if resume_at is not None else None
@@ -97,9 +109,17 @@ class ResumableBatchSampler(BatchSampler):
         inner = getattr(self.sampler, "epoch", None)
         return inner if isinstance(inner, int) else self.epoch
 
+    def shard_indices(self, epoch: int) -> list[int]:
+        """The inner sampler's indices of `epoch`; a shuffling `DistributedSampler` first reseeded so that
+        its generator seed (its ``seed + epoch``) is ``epoch_seed(self.seed, epoch)``."""
+        inner = self.sampler
+        if self.seed is not None and isinstance(inner, DistributedSampler) and inner.shuffle:
+            inner.seed = epoch_seed(self.seed, epoch) - epoch
+        return list(iter(inner))
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Every batch of `epoch`, in order (the inner sampler is already at `epoch`)."""
-        indices = list(iter(self.sampler))
+        indices = self.shard_indices(epoch)
         batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
@@ -140,16 +160,15 @@ class LengthGroupedBatchSampler(ResumableBatchSampler):
         mega_batch_factor: int = 50,
         resume_at: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(sampler, batch_size, drop_last, resume_at)
+        super().__init__(sampler, batch_size, drop_last, resume_at, seed)
         if mega_batch_factor < 1:
             raise ValueError(f"mega_batch_factor must be >= 1, got {mega_batch_factor}.")
         self.lengths = lengths
-        self.seed = seed
         self.mega_batch_factor = mega_batch_factor
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        indices = list(iter(self.sampler))
+        indices = self.shard_indices(epoch)
         mega = self.batch_size * self.mega_batch_factor
         batches: list[list[int]] = []
         for start in range(0, len(indices), mega):

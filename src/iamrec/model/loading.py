@@ -20,6 +20,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -100,6 +101,21 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return tok
 
 
+def load_backbone_config(spec: str, attn_implementation: str = "sdpa") -> PretrainedConfig:
+    """The transformers config of a model spec (no weights are read)."""
+    if spec in TINY_SPECS:
+        config = tiny_config(TINY_SPECS[spec], vocab_size=len(build_tiny_tokenizer()))
+    elif not Path(spec).exists() and not looks_like_hub_id(spec):
+        raise BackboneError(
+            f"Backbone '{spec}' is neither a local folder nor a hub id; check the path "
+            "(run `make assets` for .assets/models/SmolLM2-135M-Instruct)."
+        )
+    else:
+        config = _from_pretrained(AutoConfig, spec, "backbone config")
+    config._attn_implementation = attn_implementation
+    return config
+
+
 def load_backbone(
     spec: str, dtype: str = "float32", attn_implementation: str = "sdpa", random_weights: bool = False
 ) -> PreTrainedModel:
@@ -111,19 +127,14 @@ def load_backbone(
     if dtype not in _DTYPES:
         raise BackboneError(f"model dtype '{dtype}' is not one of {sorted(_DTYPES)}.")
     torch_dtype = _DTYPES[dtype]
-    if spec in TINY_SPECS:
-        config = tiny_config(TINY_SPECS[spec], vocab_size=len(build_tiny_tokenizer()))
-        config._attn_implementation = attn_implementation
+    if spec in TINY_SPECS or random_weights:
+        config = load_backbone_config(spec, attn_implementation)
         return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     if not Path(spec).exists() and not looks_like_hub_id(spec):
         raise BackboneError(
             f"Backbone '{spec}' is neither a local folder nor a hub id; check the path "
             "(run `make assets` for .assets/models/SmolLM2-135M-Instruct)."
         )
-    if random_weights:
-        config = _from_pretrained(AutoConfig, spec, "backbone config")
-        config._attn_implementation = attn_implementation
-        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     return _from_pretrained(
         AutoModelForCausalLM, spec, "backbone", dtype=torch_dtype, attn_implementation=attn_implementation
     )
