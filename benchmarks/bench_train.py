@@ -6,7 +6,10 @@
 One model, the LightningModule's own loss (`IAMRecModule.target_loss`: the LM head on target positions
 only) on batches from `IAMDataModule` (the real prompts, length-bucketed like training), AdamW (fused on
 CUDA). The schedules take turns on the same batches — step k runs every schedule on batch k — so drift
-of the machine (clock, other load) hits all of them alike; the figure per schedule is the median step.
+of the machine (clock, other load) hits all of them alike, and which schedule meets a batch first turns
+every batch (the first step on a new sequence length can cost more: on an H200 `causal`, always first,
+measured 2x `iam`); the figure per schedule is the median step, with the medians of its steps that met
+their batch first and of the others beside it.
 Prints samples/s, (non-pad) tokens/s and each schedule's step time over `causal`'s. Full fine-tuning by
 default (`--lora R` for LoRA adapters of rank R).
 """
@@ -87,8 +90,12 @@ def main() -> None:
     for batch_size in args.batch:
         data = batches(args, batch_size)
         times: dict[str, list[float]] = {s: [] for s in args.schedules}
+        first: dict[str, list[float]] = {s: [] for s in args.schedules}  # steps that met a new batch first
         for i, batch in enumerate(data):
-            for schedule in args.schedules:
+            # the order turns every batch: the first step on a new batch (a new sequence length) can cost
+            # more (allocator, kernel plans), and it must not always fall on the same schedule
+            shift = i % len(args.schedules)
+            for j, schedule in enumerate(args.schedules[shift:] + args.schedules[:shift]):
                 apply_item_attention(module.model, config=ItemAttentionConfig(schedule))
                 sync()
                 start = time.perf_counter()
@@ -100,6 +107,8 @@ def main() -> None:
                 sync()
                 if i >= args.warmup:
                     times[schedule].append(time.perf_counter() - start)
+                    if j == 0:
+                        first[schedule].append(times[schedule][-1])
 
         timed = data[args.warmup :]
         samples = sum(b["input_ids"].shape[0] for b in timed)
@@ -114,16 +123,20 @@ def main() -> None:
         ref = sum(times[args.schedules[0]])
         print(
             f"{'schedule':<22}{'s/step (median)':>16}{'samples/s':>11}{'tokens/s':>11}"
-            f"{'x ' + args.schedules[0]:>12}"
+            f"{'x ' + args.schedules[0]:>12}{'first on batch':>16}{'after another':>15}"
         )
         for schedule, ts in times.items():
             total = sum(ts)
-            median = sorted(ts)[len(ts) // 2]
+            later = [t for t in ts if t not in first[schedule]]
             print(
-                f"{schedule:<22}{median:>16.4f}{samples / total:>11.1f}{tokens / total:>11.0f}"
-                f"{total / ref:>12.3f}",
+                f"{schedule:<22}{_median(ts):>16.4f}{samples / total:>11.1f}{tokens / total:>11.0f}"
+                f"{total / ref:>12.3f}{_median(first[schedule]):>16.4f}{_median(later):>15.4f}",
                 flush=True,
             )
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else float("nan")
 
 
 if __name__ == "__main__":

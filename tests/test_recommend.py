@@ -138,7 +138,9 @@ def _logits(model, batch) -> torch.Tensor:
 @pytest.mark.parametrize("lora", [LoraConfig(r=4, alpha=8), None], ids=["lora", "full"])
 def test_exported_and_reloaded_logits_equal_the_modules(lora, processed_dir, tmp_path):
     torch.manual_seed(0)
-    module = IAMRecModule(backbone="tiny", attention=ItemAttentionConfig("iam"), lora=lora).eval()
+    module = IAMRecModule(backbone="tiny", attention=ItemAttentionConfig("iam"), lora=lora)
+    module.configure_model()
+    module.eval()
     with torch.no_grad():  # LoRA's B starts at zero: give the adapters a real effect to merge
         for name, p in module.named_parameters():
             if p.requires_grad and "lora_B" in name:
