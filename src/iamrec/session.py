@@ -317,7 +317,7 @@ def run_session(args: argparse.Namespace) -> int:
         "bench_decoding_iam": [*decode, "--schedule", "iam", "--users", "1024", "--batch", "256", "--reference-users", "128"],
         "bench_decoding_causal": [*decode, "--schedule", "causal", "--users", "1024", "--batch", "256",
                                   "--reference-users", "64"],
-        "bench_decoding_iam_bf16": [*decode, "--schedule", "iam", "--dtype", "bfloat16", "--users", "1024", "--batch", "256",
+        "bench_decoding_iam_bf16": [*decode, "--schedule", "iam", "--dtype", "bfloat16", "--users", "2048", "--batch", "512",
                                     "--reference-users", "64"],
     }  # fmt: skip
     for name, argv in bench.items():
