@@ -2,8 +2,11 @@
 
     python benchmarks/bench_attention.py --model .assets/models/SmolLM2-135M-Instruct --batch 4 --length 256
 
-Prints seconds per LoRA training step (forward + backward + AdamW) and the ratio to `causal`, plus the
-time spent building masks per forward. On a GPU add `--backends sdpa flex --device cuda`.
+Prints seconds per LoRA training step (forward + backward + AdamW), the ratio to `causal` and the trainable
+parameters. Any schedule preset can be measured, the added-layer ones (``added_iam``, ``added_top``, ...)
+included: their sublayers get LoRA adapters like the layers' own attention. ``--rounds R`` measures every
+schedule R times in turn and reports the fastest round (a shared machine slows some rounds, never speeds one up).
+On a GPU add `--backends sdpa flex --device cuda`.
 """
 
 from __future__ import annotations
@@ -62,7 +65,14 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--schedules", nargs="+", default=["causal", "iam", "stacked", "hatllm"])
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        default=["causal", "iam", "stacked", "hatllm", "added_iam", "added_top", "added_alternate"],
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure every schedule this many times in turn"
+    )
     parser.add_argument("--backends", nargs="+", default=["sdpa"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -85,21 +95,29 @@ def main() -> None:
         f"device={args.device} batch={args.batch} length={args.length} "
         f"layers={base.config.num_hidden_layers} torch={torch.__version__}"
     )
-    results = {}
-    for backend in args.backends:
-        for schedule in args.schedules:
-            model = copy.deepcopy(base).to(args.device).train()
-            model = get_peft_model(
-                model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-            )
-            apply_item_attention(model, schedule, backend=backend)
-            results[(backend, schedule)] = step_time(model, ids, mask, seg, args.steps, args.warmup)
-            del model
+    rounds: dict[tuple[str, str], list[float]] = {}
+    trainable: dict[tuple[str, str], int] = {}
+    for _ in range(args.rounds):
+        for backend in args.backends:
+            for schedule in args.schedules:
+                model = copy.deepcopy(base).to(args.device).train()
+                model = get_peft_model(
+                    model,
+                    LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+                )
+                apply_item_attention(model, schedule, backend=backend)
+                key = (backend, schedule)
+                trainable[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                t = step_time(model, ids, mask, seg, args.steps, args.warmup)
+                rounds.setdefault(key, []).append(t)
+                del model
+    results = {key: min(ts) for key, ts in rounds.items()}
     ref = results.get((args.backends[0], "causal"))
-    print(f"{'backend':<8}{'schedule':<12}{'s/step':>9}{'x causal':>10}")
+    print(f"{'backend':<8}{'schedule':<17}{'s/step':>9}{'x causal':>10}{'trainable':>12}")
     for (backend, schedule), t in results.items():
         ratio = f"{t / ref:.2f}" if ref else "-"
-        print(f"{backend:<8}{schedule:<12}{t:>9.3f}{ratio:>10}")
+        params = f"{trainable[(backend, schedule)] / 1e6:.2f}M"
+        print(f"{backend:<8}{schedule:<17}{t:>9.3f}{ratio:>10}{params:>12}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def test_plan_has_one_config_per_cell(in_repo) -> None:
     assert [c.kind for c in cells] == ["popular", "sasrec", "llm", "llm", "llm"]
     assert cells[4].configs == (Path("configs/ml100k.yaml"), Path("configs/table2/ml100k/iam.yaml"))
     assert cells[1].configs == (Path("configs/table2/ml100k/sasrec.yaml"),)  # stand-alone SASRec config
-    assert len(plan("ablation", list(rp.DATASETS))) == 10 * len(rp.DATASETS)
+    assert len(plan("ablation", list(rp.DATASETS))) == 15 * len(rp.DATASETS)  # PRESETS: 10 masked, 5 added
     # every shipped cell file is a planned cell and vice versa
     shipped = {
         p.relative_to("configs").with_suffix("").as_posix()

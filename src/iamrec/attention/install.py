@@ -17,13 +17,21 @@ Nothing in transformers is forked. Four small pieces, each at one seam:
    ``attn_2(norm(h1))`` ... and returns the sum, so the layer's own ``residual + out`` equals the
    stacked result. Pass p of layer i writes its keys/values to cache slot ``i + p * N`` — each pass
    has its own keys and values, so cached decoding stays exact.
-4. **generate()** accepts ``segment_ids`` (its kwarg validation is told to let it through); generated
+4. **Added sublayers** (``ItemAttentionConfig.added``, the ``added_*`` presets): new modules
+   (`AddedItemAttention`, children ``iam_added.<j>`` of the decoder layer, so the layer's own weights and
+   names are untouched) run after the layer by a forward hook: ``h = h + attn_j(norm_j(h))`` for each added
+   kind in order. Each has its own pre-norm and projections, copied from the layer's (output projection
+   zeroed, so at installation the model computes exactly what the pretrained one does), and its own cache
+   slot after all stacked slots (``N * max passes`` onwards, in layer order); its attention module is the
+   layer's own class, so it goes through the same attention functions, masks and decoders.
+5. **generate()** accepts ``segment_ids`` (its kwarg validation is told to let it through); generated
    tokens are TARGET because the context pads the prompt's segment ids with TARGET up to the cache
    length.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,11 +41,18 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from iamrec.attention.config import Backend, ItemAttentionConfig
 from iamrec.attention.masks import kind_rule, segment_mask_mod
-from iamrec.attention.schedule import Schedule, resolve_schedule
+from iamrec.attention.schedule import (
+    ADDED_PRESETS,
+    Schedule,
+    added_preset_entries,
+    resolve_added,
+    resolve_schedule,
+)
 from iamrec.segments import TARGET
 
 _STOCK_NAME = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention"}
@@ -53,6 +68,7 @@ class ItemAttentionState:
     num_layers: int
     slot_kind: dict[int, str] = field(default_factory=dict)  # cache slot -> kind
     handles: list[Any] = field(default_factory=list)  # hook handles, removed on re-install
+    added: list[tuple[str, ...]] = field(default_factory=list)  # per layer: added sublayer kinds, in order
 
 
 class ItemContext:
@@ -189,6 +205,13 @@ def _find_cache(args: tuple, kwargs: dict) -> Cache | None:
     return None
 
 
+def _ensure_slot(cache: Cache | None, slot: int) -> None:
+    """Give `cache` a layer for `slot` (the model's cache holds only the decoder layers' slots)."""
+    if cache is not None and hasattr(cache, "layers"):
+        while len(cache.layers) <= slot:
+            cache.layers.append(DynamicLayer())
+
+
 def _stacked_hooks(layer: nn.Module, kinds: tuple[str, ...], layer_idx: int, num_layers: int) -> list[Any]:
     """Hooks that turn one decoder layer into ``len(kinds)`` stacked attention passes."""
     attn = layer.self_attn
@@ -211,9 +234,7 @@ def _stacked_hooks(layer: nn.Module, kinds: tuple[str, ...], layer_idx: int, num
             for p in range(1, len(kinds)):
                 hidden = hidden + out  # the residual stream after the previous pass
                 slot = layer_idx + p * num_layers
-                if cache is not None and hasattr(cache, "layers"):
-                    while len(cache.layers) <= slot:
-                        cache.layers.append(DynamicLayer())
+                _ensure_slot(cache, slot)
                 attn.layer_idx = slot  # its own cache slot, and the kind of that slot
                 normed = layer.input_layernorm(hidden)
                 if args:
@@ -231,6 +252,104 @@ def _stacked_hooks(layer: nn.Module, kinds: tuple[str, ...], layer_idx: int, num
     ]
 
 
+class AddedItemAttention(GradientCheckpointingLayer):
+    """One added item-aware sublayer after a decoder layer: ``h + self_attn(input_layernorm(h))``.
+
+    `self_attn` is a new instance of the layer's attention class with a copy of its weights (LoRA adapters
+    of the layer are not copied) and a zero output projection; `input_layernorm` a copy of the layer's
+    pre-norm. Its ``layer_idx`` is its own cache slot, whose kind `ItemAttentionState.slot_kind` holds, so
+    the registered attention functions and the decoders treat it as one more attention layer. A
+    ``GradientCheckpointingLayer``, so activation checkpointing covers it like a decoder layer.
+    """
+
+    def __init__(self, layer: nn.Module, layer_idx: int, slot: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.self_attn = _copy_attention(layer.self_attn, layer_idx)
+        self.self_attn.layer_idx = slot
+        with torch.no_grad():
+            self.self_attn.o_proj.weight.zero_()
+            if getattr(self.self_attn.o_proj, "bias", None) is not None:
+                self.self_attn.o_proj.bias.zero_()
+        self.input_layernorm = copy.deepcopy(layer.input_layernorm)
+        for name in ("gradient_checkpointing", "_gradient_checkpointing_func"):  # enabled before installing
+            if name in layer.__dict__:
+                setattr(self, name, layer.__dict__[name])
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
+        return hidden_states + out
+
+
+def _copy_attention(attn: nn.Module, layer_idx: int) -> nn.Module:
+    """A new module of `attn`'s class holding a copy of its base weights (any peft LoRA layer unwrapped)."""
+    state = {
+        key.replace(".base_layer.", "."): value.detach().clone()
+        for key, value in attn.state_dict().items()
+        if "lora_" not in key
+    }
+    with torch.device("meta"):  # no random initialisation: every weight comes from `state`
+        new = type(attn)(attn.config, layer_idx=layer_idx)
+    new.load_state_dict(state, assign=True)
+    trainable = {
+        key.replace(".base_layer.", "."): p.requires_grad
+        for key, p in attn.named_parameters()
+        if "lora_" not in key
+    }
+    for key, p in new.named_parameters():
+        p.requires_grad_(trainable[key])  # a frozen (LoRA-wrapped) host gives frozen copies
+    if any(t.is_meta for t in list(new.parameters()) + list(new.buffers())):
+        raise TypeError(f"{type(attn).__name__} has state outside its state_dict; cannot copy it.")
+    return new
+
+
+def _added_hook(layer: nn.Module, sublayers: nn.ModuleList) -> Any:
+    """A forward hook that runs the added sublayers on the layer's output (item-aware forwards only)."""
+
+    def run_added(module, args, kwargs, output):
+        if kwargs.get("iam_context") is None:
+            return output  # stock forward
+        if len(args) > 1:
+            raise TypeError(
+                "added sublayers need the decoder layer called as layer(hidden_states, **kwargs)."
+            )
+        hidden = output[0] if isinstance(output, tuple) else output
+        cache = _find_cache(args, kwargs)
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        for sub in sublayers:
+            _ensure_slot(cache, sub.self_attn.layer_idx)
+            hidden = sub(hidden, **rest)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return layer.register_forward_hook(run_added, with_kwargs=True)
+
+
+def _adapt_added(model: nn.Module, sublayers: list[nn.Module]) -> None:
+    """Under peft LoRA: give the added sublayers the model's adapters (same config, same targets)."""
+    import peft
+
+    lora_dtype = next((p.dtype for n, p in model.named_parameters() if "lora_" in n), None)
+    for sub in sublayers:
+        for adapter, config in model.peft_config.items():
+            peft.inject_adapter_in_model(copy.deepcopy(config), sub, adapter_name=adapter)
+        if not isinstance(sub.self_attn.o_proj, peft.tuners.tuners_utils.BaseTunerLayer):
+            raise ValueError(
+                "added item-aware sublayers under LoRA need the output projection among the LoRA target "
+                "modules (lora.target_modules must include o_proj): their o_proj starts at zero, and a "
+                "frozen zero projection never learns."
+            )
+        if lora_dtype is not None:
+            for name, p in sub.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.to(lora_dtype)
+
+
+def _remove_added(layers: nn.ModuleList) -> None:
+    for layer in layers:
+        if "iam_added" in layer._modules:
+            del layer.iam_added
+
+
 def apply_item_attention(
     model: nn.Module,
     schedule: str | list[str] = "iam",
@@ -238,6 +357,7 @@ def apply_item_attention(
     context_visible: bool = True,
     split_at: int | None = None,
     hatllm_bands: tuple[int, int] | None = None,
+    added: list[str] | None = None,
     *,
     config: ItemAttentionConfig | None = None,
     config_key: str = "schedule",
@@ -255,22 +375,42 @@ def apply_item_attention(
         context_visible: every query may also see CONTEXT keys (instruction, response header).
         split_at: layer where ``split``/``split_inter_first`` switch kinds (default: half).
         hatllm_bands: (intra layers, inter layers) of the ``hatllm`` preset (default: a third each).
+        added: added item-aware sublayers, one entry per decoder layer (kinds joined by ``+``, run after
+            that layer in order; ``""`` for none), or None (none, or what an ``added_*`` preset chooses).
+            Each sublayer ``h + attn(norm(h))`` has its own pre-norm, projections (copied from the layer's,
+            output projection zero: the model starts as the pretrained one, bit for bit), residual and
+            KV-cache slot, and runs only when ``segment_ids`` are given. Training: with full fine-tuning
+            every new weight trains; on a peft LoRA model the sublayers get the model's LoRA adapters
+            (same config; their base weights stay frozen like the layer's), so ``target_modules`` must
+            include ``o_proj``. Installing before ``get_peft_model`` works too (the sublayers' projections
+            carry the layers' names, so peft's targets reach them). Re-installing rebuilds the sublayers
+            (their trained weights are dropped).
         config: all of the settings above as one `ItemAttentionConfig`; when given, it replaces them.
         config_key: how errors name the schedule (e.g. ``model.attention.schedule`` from a config).
     """
     if config is None:
-        config = ItemAttentionConfig(schedule, backend, context_visible, split_at, hatllm_bands)
+        config = ItemAttentionConfig(schedule, backend, context_visible, split_at, hatllm_bands, added)
     schedule, backend, context_visible = config.schedule, config.backend, config.context_visible
     register_backends()
     hf = base_model(model)
     decoder, layers = _decoder_layers(hf)
     num_layers = len(layers)
     resolved = resolve_schedule(schedule, num_layers, config.split_at, config.hatllm_bands, key=config_key)
+    added_key = config_key.removesuffix("schedule") + "added"
+    if config.added is not None:
+        added_kinds = resolve_added(config.added, num_layers, key=added_key)
+    elif isinstance(schedule, str) and schedule in ADDED_PRESETS:
+        added_kinds = resolve_added(
+            added_preset_entries(schedule, num_layers, config.split_at, config_key), num_layers
+        )
+    else:
+        added_kinds = [()] * num_layers
     old = getattr(hf, "_iam_state", None)
     if old is not None:
         for handle in old.handles:
             handle.remove()
-    state = ItemAttentionState(resolved, backend, context_visible, num_layers)
+    _remove_added(layers)
+    state = ItemAttentionState(resolved, backend, context_visible, num_layers, added=added_kinds)
     for i, kinds in enumerate(resolved):
         if getattr(layers[i].self_attn, "layer_idx", i) != i:
             raise TypeError(
@@ -280,6 +420,21 @@ def apply_item_attention(
             state.slot_kind[i + p * num_layers] = kind
         if len(kinds) > 1:
             state.handles += _stacked_hooks(layers[i], kinds, i, num_layers)
+    slot = num_layers * max(len(kinds) for kinds in resolved)  # after every stacked pass's slot
+    new_sublayers = []
+    for i, kinds in enumerate(added_kinds):
+        if not kinds:
+            continue
+        sublayers = nn.ModuleList()
+        for kind in kinds:
+            sublayers.append(AddedItemAttention(layers[i], i, slot, kind))
+            state.slot_kind[slot] = kind
+            slot += 1
+        layers[i].iam_added = sublayers
+        new_sublayers += list(sublayers)
+        state.handles.append(_added_hook(layers[i], sublayers))
+    if new_sublayers and hasattr(model, "peft_config"):
+        _adapt_added(model, new_sublayers)
 
     def to_context(module, args, kwargs):
         segment_ids = kwargs.pop("segment_ids", None)
@@ -316,12 +471,13 @@ def _allow_generate_kwarg(hf: PreTrainedModel, name: str) -> None:
 
 
 def remove_item_attention(model: nn.Module, attn_implementation: str | None = None) -> nn.Module:
-    """Undo `apply_item_attention` (hooks removed, stock attention restored)."""
+    """Undo `apply_item_attention` (hooks and added sublayers removed, stock attention restored)."""
     hf = base_model(model)
     state = getattr(hf, "_iam_state", None)
     if state is not None:
         for handle in state.handles:
             handle.remove()
         _set_attention(hf, attn_implementation or _STOCK_NAME[state.backend])
+        _remove_added(_decoder_layers(hf)[1])
         del hf._iam_state
     return model

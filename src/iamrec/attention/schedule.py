@@ -14,6 +14,16 @@ reusing the layer's attention weights. Presets, for N layers:
     intra_only           intra x N                       component ablation
     inter_only           inter x N                       component ablation
     hatllm               intra x a, causal, inter x b    HatLLM baseline (bands a, b; default N//3 each)
+
+A second reading of IAM keeps every pretrained layer causal and *adds* item-aware sublayers with their own
+weights (``ItemAttentionConfig.added``, one entry per decoder layer: the added kinds after that layer, in
+order, joined by ``+``; ``""`` for none). Presets that choose them (every host layer ``causal``):
+
+    added_iam            causal > intra > inter, x N     IAM as added layers: intra then inter after every layer
+    added_inter_first    causal > inter > intra, x N     ordering ablation
+    added_top            causal x s, causal > intra > inter x (N - s)   only the upper layers (s = split_at, N//2)
+    added_alternate      causal > intra, causal > inter, ...           one added layer per depth, alternating
+    added_causal         causal > causal > causal, x N   control: the same added parameters, no item awareness
 """
 
 from __future__ import annotations
@@ -33,7 +43,13 @@ PRESETS: tuple[str, ...] = (
     "intra_only",
     "inter_only",
     "hatllm",
+    "added_iam",
+    "added_inter_first",
+    "added_top",
+    "added_alternate",
+    "added_causal",
 )
+ADDED_PRESETS: tuple[str, ...] = tuple(name for name in PRESETS if name.startswith("added_"))
 
 Schedule = list[tuple[str, ...]]
 
@@ -55,7 +71,7 @@ def preset_entries(
 ) -> list[str]:
     """The per-layer entries of preset `name` for a backbone with `num_layers` decoder layers."""
     n = num_layers
-    if name == "causal":
+    if name == "causal" or name in ADDED_PRESETS:  # the added presets keep every pretrained layer causal
         return ["causal"] * n
     if name in ("iam", "iam_inter_first"):
         return _alternate("intra", "inter", n) if name == "iam" else _alternate("inter", "intra", n)
@@ -80,6 +96,60 @@ def preset_entries(
             )
         return ["intra"] * a + ["causal"] * (n - a - b) + ["inter"] * b
     raise unknown_preset(name, key)
+
+
+def added_preset_entries(
+    name: str, num_layers: int, split_at: int | None = None, key: str = "schedule"
+) -> list[str]:
+    """The per-layer added sublayers of preset `name` (``""``: none; every preset but the added ones: none)."""
+    n = num_layers
+    if name == "added_iam":
+        return ["intra+inter"] * n
+    if name == "added_inter_first":
+        return ["inter+intra"] * n
+    if name == "added_top":
+        s = n // 2 if split_at is None else split_at
+        if not 0 <= s < n:
+            raise ScheduleError(
+                f"split_at={s} must lie in [0, {n}) so that at least one of the {n} decoder layers gets the "
+                f"added sublayers ({key}='{name}')."
+            )
+        return [""] * s + ["intra+inter"] * (n - s)
+    if name == "added_alternate":
+        return _alternate("intra", "inter", n)
+    if name == "added_causal":
+        return ["causal+causal"] * n
+    return [""] * n
+
+
+def resolve_added(added: Sequence[str], num_layers: int, key: str = "added") -> list[tuple[str, ...]]:
+    """Turn one added-sublayer entry per decoder layer into tuples of kinds (``()``: none), validated.
+
+    >>> resolve_added(["intra+inter", "", "none", "inter"], 4)
+    [('intra', 'inter'), (), (), ('inter',)]
+    """
+    entries = list(added)
+    if len(entries) != num_layers:
+        raise ScheduleError(
+            f"{key} lists {len(entries)} layers but the backbone has {num_layers} decoder layers; give one "
+            "entry per layer ('' for none) or use an added preset as the schedule "
+            f"({', '.join(ADDED_PRESETS)})."
+        )
+    resolved = []
+    for i, entry in enumerate(entries):
+        text = "" if entry is None else str(entry).strip()
+        if text in ("", "none"):
+            resolved.append(())
+            continue
+        kinds = tuple(part.strip() for part in text.split("+"))
+        bad = [kind for kind in kinds if kind not in KINDS]
+        if bad:
+            raise ScheduleError(
+                f"{key}[{i}]='{entry}' is not a kind; use {', '.join(KINDS)}, several joined by '+', "
+                "or '' for none."
+            )
+        resolved.append(kinds)
+    return resolved
 
 
 def unknown_preset(name: str, key: str = "schedule") -> ScheduleError:
@@ -124,6 +194,13 @@ def resolve_schedule(
     return resolved
 
 
-def describe(schedule: Schedule) -> str:
-    """A compact one-line summary, e.g. ``intra,inter,intra,inter``."""
-    return ",".join("+".join(kinds) for kinds in schedule)
+def describe(schedule: Schedule, added: Sequence[Sequence[str]] | None = None) -> str:
+    """A compact one-line summary, e.g. ``intra,inter,intra,inter``; added sublayers follow ``>``.
+
+    >>> describe([("causal",), ("causal",)], [("intra", "inter"), ()])
+    'causal>intra>inter,causal'
+    """
+    added = added or [()] * len(schedule)
+    return ",".join(
+        "+".join(kinds) + "".join(f">{kind}" for kind in extra) for kinds, extra in zip(schedule, added)
+    )
