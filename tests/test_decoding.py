@@ -310,3 +310,19 @@ def test_more_beams_than_answers_still_equals_hf(model):
 def test_trie_vocabulary_must_match_the_model(model):
     with pytest.raises(ValueError, match="vocabulary of 10 tokens"):
         constrained_beam_search(model, *_prompts(), _small_trie(), 2)
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_a_schedule_stacking_only_some_layers_equals_hf(trie, shared_prompt):
+    """Stacked passes in some layers only leave cache slots no layer writes (pass p of layer i uses slot
+    i + p * N); the fast path keeps them empty and still returns HF's beams."""
+    torch.manual_seed(0)
+    m = load_backbone("tiny").eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(5.0)
+    n = m.config.num_hidden_layers
+    schedule = ["intra+inter" if i == 1 else ("inter" if i % 2 else "intra") for i in range(n)]
+    model = apply_item_attention(m, schedule)
+    ids, mask, seg = _prompts()
+    fast = constrained_beam_search(model, ids, mask, seg, trie, 4, shared_prompt=shared_prompt)
+    _assert_same(fast, reference_beam_search(model, ids, mask, seg, trie, 4))

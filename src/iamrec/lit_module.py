@@ -262,7 +262,8 @@ class IAMRecModule(L.LightningModule):
         # finish before the beams run out), so a sample's top K can name fewer than K distinct items.
         distinct = predictions["top_items"].map(lambda items: len(set(items) - {-1}))
         values["distinct_items"] = float(distinct.mean()) if len(distinct) else 0.0
-        values["schedule"] = describe(installed_state(self.model).schedule)
+        state = installed_state(self.model)
+        values["schedule"] = describe(state.schedule, state.added)
         self.log_dict(
             {f"test/{k}": v for k, v in values.items() if isinstance(v, float)}, rank_zero_only=True
         )

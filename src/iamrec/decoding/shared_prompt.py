@@ -119,17 +119,25 @@ class SharedPromptLayer(DynamicLayer):
 class SharedPromptCache(Cache):
     """A `Cache` of `SharedPromptLayer` slots, built from the prefill's `DynamicCache`.
 
-    ``capacity``: the most tokens a beam generates (the size of each slot's generated buffer).
+    ``capacity``: the most tokens a beam generates (the size of each slot's generated buffer). A slot the
+    prefill left empty (a schedule that stacks passes in some layers only leaves such gaps: pass p of
+    layer i writes slot ``i + p * N``) stays an empty `DynamicLayer`: no attention reads or writes it.
     """
 
     def __init__(self, prefill_cache: Cache, capacity: int):
-        layers = [SharedPromptLayer(layer.keys, layer.values, capacity) for layer in prefill_cache.layers]
+        layers = [
+            SharedPromptLayer(layer.keys, layer.values, capacity)
+            if layer.keys is not None
+            else DynamicLayer()
+            for layer in prefill_cache.layers
+        ]
         super().__init__(layers=layers)
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def select(self, prompts: torch.Tensor | None, rows: torch.Tensor) -> None:
         for layer in self.layers:  # each layer's old buffer becomes the next layer's spare
-            self._spare = layer.select(prompts, rows, self._spare)
+            if isinstance(layer, SharedPromptLayer):
+                self._spare = layer.select(prompts, rows, self._spare)
 
 
 class SharedPrompt:
