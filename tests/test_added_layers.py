@@ -7,11 +7,12 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from tiny_inputs import item_batch as _batch
+from tiny_inputs import item_prompts as _prompts
+from tiny_inputs import tiny_model as _model
+from transformers import GenerationConfig
 
 from iamrec.attention import (
-    CONTEXT,
-    PAD,
     PRESETS,
     TARGET,
     ItemAttentionConfig,
@@ -25,7 +26,7 @@ from iamrec.attention.install import AddedItemAttention
 from iamrec.attention.schedule import ADDED_PRESETS, added_preset_entries, resolve_added
 from iamrec.decoding import TitleTrie, constrained_beam_search, reference_beam_search
 from iamrec.model import LoraConfig, build_model
-from iamrec.model.tiny import build_tiny_tokenizer, tiny_config
+from iamrec.model.tiny import build_tiny_tokenizer
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
 EOS = 2
@@ -37,26 +38,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _model(family="llama", attn="sdpa", layers=4, seed=0):
-    torch.manual_seed(seed)
-    config = tiny_config(family, num_hidden_layers=layers)
-    config._attn_implementation = attn
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-def _batch(seed=0):
-    """Two rows: a full one and a left-padded one (context, two items, header, two TARGET tokens)."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 500, (2, 10), generator=gen)
-    mask = torch.ones(2, 10, dtype=torch.long)
-    mask[1, :2] = 0
-    ids[1, :2] = 0
-    seg = torch.tensor(
-        [[0, 0, 1, 1, 1, 2, 2, 0, TARGET, TARGET], [PAD, PAD, 0, 1, 1, 2, 2, 0, TARGET, TARGET]]
-    )
-    return ids, mask, seg
 
 
 def _sublayers(model) -> list[AddedItemAttention]:
@@ -252,22 +233,6 @@ def _catalogue(n=30, seed=0):
     titles = [" ".join(rng.sample(words, rng.randint(1, 3))) + f" ({1990 + i})" for i in range(n - 1)]
     titles.append(titles[3])  # a duplicate title
     return [tok(t, add_special_tokens=False)["input_ids"] + [EOS] for t in titles]
-
-
-def _prompts(seed=0):
-    """Three left-padded prompts of lengths 12, 9, 7 with item segments."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths, length = [12, 9, 7], 12
-    ids = torch.zeros(3, length, dtype=torch.long)
-    mask = torch.zeros(3, length, dtype=torch.long)
-    seg = torch.full((3, length), PAD)
-    for row, n in enumerate(lengths):
-        ids[row, length - n :] = torch.randint(3, 500, (n,), generator=gen)
-        mask[row, length - n :] = 1
-        items = (n - 3) // 2
-        s = [CONTEXT, CONTEXT] + [k for k in range(1, items + 1) for _ in range(2)]
-        seg[row, length - n :] = torch.tensor(s + [CONTEXT] * (n - len(s)))
-    return ids, mask, seg
 
 
 def _sharp_model(schedule):

@@ -5,34 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from tiny_inputs import item_batch as _batch
+from tiny_inputs import tiny_model as _model
+from transformers import GenerationConfig
 
-from iamrec.attention import PAD, PRESETS, TARGET, ScheduleError, apply_item_attention, remove_item_attention
+from iamrec.attention import PRESETS, TARGET, ScheduleError, apply_item_attention, remove_item_attention
 from iamrec.attention.schedule import resolve_schedule
-from iamrec.model.tiny import tiny_config
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
 SMOLLM2 = Path(".assets/models/SmolLM2-135M-Instruct")
-
-
-def _model(family="llama", attn="sdpa", layers=4, seed=0):
-    torch.manual_seed(seed)
-    config = tiny_config(family, num_hidden_layers=layers)
-    config._attn_implementation = attn
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-def _batch(seed=0):
-    """Two rows: right-aligned full row, and a left-padded one."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 500, (2, 10), generator=gen)
-    mask = torch.ones(2, 10, dtype=torch.long)
-    mask[1, :2] = 0
-    ids[1, :2] = 0
-    seg = torch.tensor(
-        [[0, 0, 1, 1, 1, 2, 2, 0, TARGET, TARGET], [PAD, PAD, 0, 1, 1, 2, 2, 0, TARGET, TARGET]]
-    )
-    return ids, mask, seg
 
 
 # ---------------------------------------------------------------- schedules

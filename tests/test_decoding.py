@@ -4,8 +4,9 @@ import random
 
 import pytest
 import torch
+from tiny_inputs import item_prompts as _prompts
 
-from iamrec.attention import CONTEXT, PAD, apply_item_attention
+from iamrec.attention import apply_item_attention
 from iamrec.decoding import TitleTrie, constrained_beam_search, prefix_table, reference_beam_search
 from iamrec.model.loading import load_backbone
 from iamrec.model.tiny import build_tiny_tokenizer
@@ -101,22 +102,6 @@ def _catalogue(n=40, seed=0):
     answers.append(answers[0][:-1] + [answers[5][0], answers[9][1]] + [EOS])  # answer 0 is a prefix of it
     answers.append(answers[2][:2] + [EOS])  # a prefix of answer 2
     return answers
-
-
-def _prompts(seed=0):
-    """Three prompts of lengths 12, 9, 7, left-padded to 12, with item segments."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths, L = [12, 9, 7], 12
-    ids = torch.zeros(3, L, dtype=torch.long)
-    mask = torch.zeros(3, L, dtype=torch.long)
-    seg = torch.full((3, L), PAD)
-    for row, n in enumerate(lengths):
-        ids[row, L - n :] = torch.randint(3, 500, (n,), generator=gen)
-        mask[row, L - n :] = 1
-        n_items = (n - 3) // 2  # context(2) + items of 2 tokens + header(1)
-        s = [CONTEXT, CONTEXT] + [k for k in range(1, n_items + 1) for _ in range(2)]
-        seg[row, L - n :] = torch.tensor(s + [CONTEXT] * (n - len(s)))
-    return ids, mask, seg
 
 
 @pytest.fixture(scope="module", autouse=True)

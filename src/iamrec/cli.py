@@ -326,7 +326,8 @@ def run_cli(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     no_exit = {"exit_on_error": False}
     parser_kwargs = {**no_exit, **{sub: no_exit for sub in cli_class.subcommands()}}
-    try:
+
+    def run() -> None:
         argv = sys.argv[1:] if args is None else args
         check_config_files(argv)
         if cli_class.own_optimizer:
@@ -338,12 +339,8 @@ def run_cli(
             parser_kwargs=parser_kwargs,
             args=args,
         )
-    except Exception as err:
-        message = expected_error(err)
-        if message is None or os.environ.get("IAMREC_DEBUG"):
-            raise
-        print(f"{cli_class.program}: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+    guarded(run, cli_class.program)
 
 
 def guarded(fn: Callable[[], Any], program: str = "iamrec") -> Any:
