@@ -312,20 +312,32 @@ def test_popular_scores_exactly_the_llm_test_rows(workspace: Path) -> None:
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c.table}/{c.dataset}/{c.method}")
 def test_every_cell_config_parses_through_its_cli(cell: Cell, in_repo, capsys) -> None:
+    """Each cell's own configs (profile `full`: no overlay). The profiles' overlays are the same files for
+    every cell of a kind; `test_every_overlay_parses_over_a_cell_of_each_kind` parses each of them once."""
+    config = _print_config(cell, PROFILES["full"], capsys)
+    if cell.kind == "llm":
+        assert config["model"]["attention"]["schedule"] == cell.method
+    assert config["data"]["data_dir"] == f"data/processed/{cell.dataset}"
+
+
+def _print_config(cell: Cell, profile: Profile, capsys) -> dict:
     from iamrec.baselines.sasrec import main as sasrec_main
     from iamrec.cli import main as iamrec_main
 
     entry = sasrec_main if cell.kind == "sasrec" else iamrec_main
     args = ["fit", *[f"--config={c}" for c in cell.configs]]
-    for profile in ("cpu", "full"):
-        with pytest.raises(SystemExit) as exit_info:
-            entry([*args, *[f"--config={c}" for c in cell.overlays(PROFILES[profile])], "--print_config"])
-        out = capsys.readouterr()
-        assert exit_info.value.code in (0, None), out.err[-2000:]
-        config = yaml.safe_load(out.out)
-        if cell.kind == "llm":
-            assert config["model"]["attention"]["schedule"] == cell.method
-        assert config["data"]["data_dir"] == f"data/processed/{cell.dataset}"
+    with pytest.raises(SystemExit) as exit_info:
+        entry([*args, *[f"--config={c}" for c in cell.overlays(profile)], "--print_config"])
+    out = capsys.readouterr()
+    assert exit_info.value.code in (0, None), out.err[-2000:]
+    return yaml.safe_load(out.out)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_overlay_parses_over_a_cell_of_each_kind(profile: str, in_repo, capsys) -> None:
+    for cell in (Cell("table2", "ml100k", "iam"), Cell("table2", "ml100k", "sasrec")):
+        config = _print_config(cell, PROFILES[profile], capsys)
+        assert config["data"]["data_dir"] == "data/processed/ml100k"
 
 
 def test_documented_command_exits_zero(in_repo) -> None:
