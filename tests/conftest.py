@@ -84,3 +84,15 @@ def write_processed(root: Path, n_users: int = 16, seq_len: int = 8) -> Path:
 @pytest.fixture(scope="session")
 def processed_dir(tmp_path_factory) -> Path:
     return write_processed(tmp_path_factory.mktemp("processed") / "toy")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A module that requests it runs single-threaded: on tiny matrices one thread avoids OpenMP
+    spin-waiting on a busy 2-core machine (10x faster here)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

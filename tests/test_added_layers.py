@@ -7,10 +7,10 @@ import random
 
 import pytest
 import torch
+from tiny_inputs import TITLE_WORDS, cached_step_logits, greedy_generate_equals_recompute
 from tiny_inputs import item_batch as _batch
 from tiny_inputs import item_prompts as _prompts
 from tiny_inputs import tiny_model as _model
-from transformers import GenerationConfig
 
 from iamrec.attention import (
     PRESETS,
@@ -33,11 +33,8 @@ EOS = 2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (`tiny_inputs.one_thread`)."""
 
 
 def _sublayers(model) -> list[AddedItemAttention]:
@@ -178,24 +175,8 @@ def test_added_cached_decoding_equals_full_recompute(family, schedule, added):
     ids, mask, seg = _batch()
     full = _logits(model, ids, mask, seg)
     assert not torch.allclose(full, _logits(model, ids, mask, None), atol=1e-3)  # the sublayers matter
-    prompt = 8
-    with torch.no_grad():
-        out = model(
-            input_ids=ids[:, :prompt],
-            attention_mask=mask[:, :prompt],
-            segment_ids=seg[:, :prompt],
-            use_cache=True,
-        )
-        steps = [out.logits[:, -1]]
-        for t in range(prompt, ids.shape[1]):
-            out = model(
-                input_ids=ids[:, t : t + 1],
-                attention_mask=mask[:, : t + 1],
-                segment_ids=seg[:, :prompt],
-                past_key_values=getattr(out, "cache", None) or out.past_key_values,
-                use_cache=True,
-            )
-            steps.append(out.logits[:, -1])
+    prompt = 8  # everything before the TARGET tokens
+    steps = cached_step_logits(model, ids, mask, seg, prompt)
     for i, step in enumerate(steps):
         assert torch.allclose(step, full[:, prompt - 1 + i], atol=1e-5)
 
@@ -203,34 +184,13 @@ def test_added_cached_decoding_equals_full_recompute(family, schedule, added):
 def test_added_greedy_generate_equals_manual_full_recompute():
     model = _wake(apply_item_attention(_model(), "added_iam"))
     ids, mask, seg = (t[:, :8] for t in _batch())
-    gc = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
-    generated = model.generate(input_ids=ids, attention_mask=mask, segment_ids=seg, generation_config=gc)
-    x, a, s = ids, mask, seg
-    for _ in range(4):
-        nxt = _logits(model, x, a, s)[:, -1].argmax(-1, keepdim=True)
-        x, a = torch.cat([x, nxt], 1), torch.cat([a, torch.ones_like(nxt)], 1)
-        s = torch.cat([s, torch.full_like(nxt, TARGET)], 1)
-    assert torch.equal(generated, x)
+    assert greedy_generate_equals_recompute(model, ids, mask, seg, _logits)
 
 
 def _catalogue(n=30, seed=0):
     tok = build_tiny_tokenizer()
     rng = random.Random(seed)
-    words = [
-        "Toy",
-        "Story",
-        "Golden",
-        "Eye",
-        "Four",
-        "Rooms",
-        "Get",
-        "Shorty",
-        "Babe",
-        "Dead",
-        "Man",
-        "Seven",
-    ]
-    titles = [" ".join(rng.sample(words, rng.randint(1, 3))) + f" ({1990 + i})" for i in range(n - 1)]
+    titles = [" ".join(rng.sample(TITLE_WORDS, rng.randint(1, 3))) + f" ({1990 + i})" for i in range(n - 1)]
     titles.append(titles[3])  # a duplicate title
     return [tok(t, add_special_tokens=False)["input_ids"] + [EOS] for t in titles]
 

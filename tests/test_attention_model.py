@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_inputs import cached_step_logits, greedy_generate_equals_recompute
 from tiny_inputs import item_batch as _batch
 from tiny_inputs import tiny_model as _model
 from transformers import GenerationConfig
@@ -165,10 +166,6 @@ def test_flex_gradients_match_sdpa_on_gpu(schedule):
 # ---------------------------------------------------------------- cached decoding and generation
 
 
-def _cache_of(output):
-    return getattr(output, "cache", None) or output.past_key_values
-
-
 @pytest.mark.parametrize("schedule", ["iam", "stacked", "hatllm"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_cached_decoding_equals_full_recompute(schedule, family):
@@ -176,23 +173,7 @@ def test_cached_decoding_equals_full_recompute(schedule, family):
     ids, mask, seg = _batch()
     full = _logits(model, ids, mask, seg)
     prompt = 8  # everything before the TARGET tokens
-    with torch.no_grad():
-        out = model(
-            input_ids=ids[:, :prompt],
-            attention_mask=mask[:, :prompt],
-            segment_ids=seg[:, :prompt],
-            use_cache=True,
-        )
-        steps = [out.logits[:, -1]]
-        for t in range(prompt, ids.shape[1]):
-            out = model(
-                input_ids=ids[:, t : t + 1],
-                attention_mask=mask[:, : t + 1],
-                segment_ids=seg[:, :prompt],  # generated positions are TARGET implicitly
-                past_key_values=_cache_of(out),
-                use_cache=True,
-            )
-            steps.append(out.logits[:, -1])
+    steps = cached_step_logits(model, ids, mask, seg, prompt)
     for i, step in enumerate(steps):
         assert torch.allclose(step, full[:, prompt - 1 + i], atol=1e-5)
 
@@ -202,14 +183,7 @@ def test_greedy_generate_equals_manual_full_recompute(schedule):
     model = apply_item_attention(_model(), schedule)
     ids, mask, seg = _batch()
     ids, mask, seg = ids[:, :8], mask[:, :8], seg[:, :8]
-    gc = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
-    generated = model.generate(input_ids=ids, attention_mask=mask, segment_ids=seg, generation_config=gc)
-    x, a, s = ids, mask, seg
-    for _ in range(4):
-        nxt = _logits(model, x, a, s)[:, -1].argmax(-1, keepdim=True)
-        x, a = torch.cat([x, nxt], 1), torch.cat([a, torch.ones_like(nxt)], 1)
-        s = torch.cat([s, torch.full_like(nxt, TARGET)], 1)
-    assert torch.equal(generated, x)
+    assert greedy_generate_equals_recompute(model, ids, mask, seg, _logits)
 
 
 @pytest.mark.parametrize("schedule", ["iam", "stacked", "hatllm"])

@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from tiny_inputs import TITLE_WORDS
 from tiny_inputs import item_prompts as _prompts
 
 from iamrec.attention import apply_item_attention
@@ -72,31 +73,12 @@ def test_allowed_mask_equals_prefix_dict_on_a_random_catalogue():
 
 # ---------------------------------------------------------------- a small catalogue and batch
 
-_WORDS = [
-    "Toy",
-    "Story",
-    "Golden",
-    "Eye",
-    "Four",
-    "Rooms",
-    "Get",
-    "Shorty",
-    "Copycat",
-    "Twelve",
-    "Monkeys",
-    "Babe",
-    "Dead",
-    "Man",
-    "Walking",
-    "Seven",
-]
-
 
 def _catalogue(n=40, seed=0):
     """40 answers from the tiny tokenizer: two duplicate titles and titles that are token-level prefixes."""
     tok = build_tiny_tokenizer()
     rng = random.Random(seed)
-    titles = [" ".join(rng.sample(_WORDS, rng.randint(1, 3))) + f" ({1990 + i})" for i in range(n - 4)]
+    titles = [" ".join(rng.sample(TITLE_WORDS, rng.randint(1, 3))) + f" ({1990 + i})" for i in range(n - 4)]
     titles += [titles[3], titles[7]]  # duplicates
     answers = [tok(t, add_special_tokens=False)["input_ids"] + [EOS] for t in titles]
     answers.append(answers[0][:-1] + [answers[5][0], answers[9][1]] + [EOS])  # answer 0 is a prefix of it
@@ -105,12 +87,8 @@ def _catalogue(n=40, seed=0):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-waiting on a busy 2-core machine (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (`tiny_inputs.one_thread`)."""
 
 
 @pytest.fixture(scope="module", params=["iam", "causal", "stacked"])
