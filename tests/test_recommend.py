@@ -105,6 +105,20 @@ def test_predict_over_a_histories_file_reports_the_bad_line_and_answers_the_othe
     with pytest.raises(ValueError, match="k=21 must lie in 1..num_beams=20"):
         rec.recommend([0], k=21)
 
+    # exclude_history: the same ranking without the history's titles (API and CLI alike)
+    every = rec.recommend_batch([lines[0]["history"], lines[2]["history"]], k=20)
+    kept = rec.recommend_batch([lines[0]["history"], lines[2]["history"]], k=5, exclude_history=True)
+    for all_recs, got, want in zip(every, kept, (out[0], out[2])):
+        assert [r for r in all_recs if r.title not in want["history"]][:5] == got
+        assert not {r.title for r in got} & set(want["history"])
+    assert any(r.title in want["history"] for recs, want in zip(every, (out[0], out[2])) for r in recs)
+    args.append("--recommend.exclude_history=true")
+    assert _cli(args, monkeypatch) == 1
+    newest = max(trained.rglob("recommendations.jsonl"), key=lambda f: f.stat().st_mtime)
+    lines_out = [json.loads(x) for x in newest.read_text().splitlines()]
+    for r, got in zip((lines_out[0], lines_out[2]), kept):
+        assert [x["item_id"] for x in r["recommendations"]] == [g.item_id for g in got]
+
 
 def test_export_cli_writes_a_folder_that_loads_back_as_the_trained_model(trained, tmp_path, monkeypatch):
     out = tmp_path / "export"

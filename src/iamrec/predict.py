@@ -36,12 +36,16 @@ class RecommendationWriter(L.Callback):
 
     Args:
         top_k: Recommendations per history (at most ``model.num_beams``).
+        exclude_history: Drop recommended items whose title is in the history (the model may name an item
+            the user already has); a list can then hold fewer than ``top_k`` items. Off by default: the
+            test metrics score the beams as they are.
     """
 
-    def __init__(self, top_k: int = 10) -> None:
+    def __init__(self, top_k: int = 10, exclude_history: bool = False) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"recommend.top_k must be an integer >= 1, got {top_k!r}.")
         self.top_k = top_k
+        self.exclude_history = exclude_history
         self._rows: list[tuple[int, list[dict[str, Any]]]] = []
         self.written: Path | None = None
 
@@ -80,9 +84,9 @@ class RecommendationWriter(L.Callback):
     def records(self, dm, by_index: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
         """The output lines (see the module docstring) of the data module's predict dataset."""
         titles, encoder = dm.titles, dm.encoder
-        top = {i: recs[: self.top_k] for i, recs in by_index.items()}
         if dm.predict_file:
             ds: HistoryDataset = dm.datasets["predict"]
+            top = {i: self._top(recs, ds.histories[i].items, titles) for i, recs in by_index.items()}
             longest = longest_answer(encoder)
             out = [
                 {
@@ -97,6 +101,7 @@ class RecommendationWriter(L.Callback):
             out += [{"line": e.line, "user": e.user, "error": e.message} for e in dm.predict_errors]
             return sorted(out, key=lambda r: r["line"])
         samples = dm.datasets[dm.predict_split].samples
+        top = {i: self._top(recs, samples.history(i), titles) for i, recs in by_index.items()}
         out = []
         for row in sorted(top):
             history, target = samples.history(row), int(samples.target[row])
@@ -111,3 +116,10 @@ class RecommendationWriter(L.Callback):
                 }
             )
         return out
+
+    def _top(self, recs: list[dict[str, Any]], history, titles) -> list[dict[str, Any]]:
+        """The first `top_k` of `recs`, without the history's titles when `exclude_history`."""
+        if self.exclude_history:
+            seen = {titles[i] for i in history}
+            recs = [r for r in recs if r["title"] not in seen]
+        return recs[: self.top_k]

@@ -230,12 +230,15 @@ class Recommender:
         the closest catalogue titles."""
         return list(self.catalogue.resolve(history))
 
-    def recommend(self, history: Sequence[str | int], k: int = 10) -> list[Recommendation]:
-        """The top `k` next items for one history (titles or item ids, oldest first)."""
-        return self.recommend_batch([history], k)[0]
+    def recommend(
+        self, history: Sequence[str | int], k: int = 10, exclude_history: bool = False
+    ) -> list[Recommendation]:
+        """The top `k` next items for one history (titles or item ids, oldest first). `exclude_history`
+        drops items whose title the history holds (the list can then be shorter than `k`)."""
+        return self.recommend_batch([history], k, exclude_history)[0]
 
     def recommend_batch(
-        self, histories: Sequence[Sequence[str | int]], k: int = 10
+        self, histories: Sequence[Sequence[str | int]], k: int = 10, exclude_history: bool = False
     ) -> list[list[Recommendation]]:
         """`recommend` for many histories, decoded `batch_size` at a time; one list per history."""
         if not 1 <= k <= self.num_beams:
@@ -256,7 +259,14 @@ class Recommender:
                 ]
                 batch = {k_: v.to(self.device) for k_, v in self.collate(rows).items()}
                 result = search(self.model, batch, self.trie, self.num_beams)
-                out += top_recommendations(result, self.titles, k)
+                if not exclude_history:
+                    out += top_recommendations(result, self.titles, k)
+                    continue
+                for items, recs in zip(
+                    resolved[start : start + self.batch_size], top_recommendations(result, self.titles)
+                ):
+                    seen = {self.titles[i] for i in items}
+                    out.append([r for r in recs if r.title not in seen][:k])
         return out
 
 
