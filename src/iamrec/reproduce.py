@@ -473,7 +473,9 @@ def reproduce(
         if not dry_run:
             print(line, flush=True)
 
-    running: dict[Future, str] = {}  # with jobs > 1: the cell-seeds started and not yet collected
+    running: dict[
+        Future, tuple[str, Path]
+    ] = {}  # jobs > 1: cell-seeds started, not yet collected (name, log)
 
     def collect(block: bool) -> None:
         """Wait for a free slot (block) or take what has finished; record failures."""
@@ -481,18 +483,17 @@ def reproduce(
             return
         finished, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
         for future in finished:
-            name = running.pop(future)
+            name, log = running.pop(future)
             err = future.exception()
             if err is None:
                 say(f"{name}: finished")
             elif isinstance(err, (subprocess.CalledProcessError, FileNotFoundError)):
                 what = display(err.cmd) if isinstance(err, subprocess.CalledProcessError) else str(err)
                 failed.append(f"{name} ({what})")
-                say(f"{name}: FAILED ({what}; its output: {name_log[name]}); going on with the others")
+                say(f"{name}: FAILED ({what}; its output: {log}); going on with the others")
             else:
                 raise err
 
-    name_log: dict[str, Path] = {}
     pool = ThreadPoolExecutor(max_workers=jobs) if jobs > 1 and not dry_run else None
     try:
         # Seed-major: every cell's first seed before any second seed, so a table stopped part-way already
@@ -540,11 +541,13 @@ def reproduce(
                 block[0] = f"[{k}/{len(seeds) * len(present)}] " + block[0]
                 if pool is not None:
                     log = run_dir / "reproduce.log"
-                    name_log[f"{cell.name} seed{seed}"] = log
                     block.append(f"    (running beside {len(running)} other(s); output: {log})")
                     print("\n".join(block), flush=True)
                     run_dir.mkdir(parents=True, exist_ok=True)
-                    running[pool.submit(run_seed, cell, seed, root, prof, log)] = f"{cell.name} seed{seed}"
+                    running[pool.submit(run_seed, cell, seed, root, prof, log)] = (
+                        f"{cell.name} seed{seed}",
+                        log,
+                    )
                     collect(block=False)
                     continue
                 print("\n".join(block), flush=True)
