@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from iamrec import run_folder
-from iamrec.cli import expected_error, main
+from iamrec.cli import main
+from iamrec.errors import expected_error
 
 REPO = Path(__file__).resolve().parents[1]
 SASREC_CONFIG = "configs/table2/ml100k/sasrec.yaml"

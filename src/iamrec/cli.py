@@ -34,11 +34,10 @@ expected error as above (nothing written).
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from iamrec import run_folder
+from iamrec.errors import guarded, one_line
 from iamrec.predict import RecommendationWriter
 from iamrec.run_folder import CheckpointError
 
@@ -54,23 +54,6 @@ from iamrec.run_folder import CheckpointError
 EVALUATION_KNOBS = ("num_beams", "ks", "val_generate")
 # Default of `checkpoint.every_n_train_steps`: how often `fit` refreshes last.ckpt (optimizer steps).
 CHECKPOINT_EVERY = 50
-# OSErrors that are the disk's or the user's doing, reported as one sentence.
-DISK_ERRNOS = frozenset(
-    {
-        errno.ENOSPC,
-        errno.EDQUOT,
-        errno.EROFS,
-        errno.EACCES,
-        errno.EPERM,
-        errno.ENOENT,
-        errno.ENOTDIR,
-        errno.EISDIR,
-        errno.EEXIST,
-        errno.ENAMETOOLONG,
-    }
-)
-# Packages whose own `raise ValueError(...)` is a check of the user's input, not a bug.
-CHECKING_PACKAGES = ("iamrec", "data_prep", "lightning", "jsonargparse")
 _RESUME_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
 
 
@@ -159,7 +142,7 @@ class RunFolderCLI(LightningCLI):
             self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
         except (ArgumentError, SystemExit) as err:
             raise CheckpointError(
-                f"{path} was not saved by this model: its hyper-parameters do not fit it ({_one_line(err)})."
+                f"{path} was not saved by this model: its hyper-parameters do not fit it ({one_line(err)})."
             ) from None
         model = self.config[sub]["model"]
         for key in self.evaluation_knobs:
@@ -225,49 +208,6 @@ class IAMRecCLI(RunFolderCLI):
         print(run_folder.format_metrics_table({"most-popular": popular}, self.model.ks))
 
 
-# ----------------------------------------------------------------------------------------------- errors
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def _raised_in(err: BaseException) -> str:
-    """The module of the innermost frame of `err`'s traceback (where it was raised)."""
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
-
-
-def _ours(err: BaseException) -> bool:
-    return any(cls.__module__.split(".")[0] in ("iamrec", "data_prep") for cls in type(err).__mro__[:-2])
-
-
-def expected_error(err: BaseException) -> str | None:
-    """The one sentence for an expected failure (see the module docstring), or None: keep the traceback."""
-    from jsonargparse import ArgumentError
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    if isinstance(err, ArgumentError):
-        return _one_line(err).rstrip(".") + " (--help lists the options)."
-    if type(err).__module__.split(".")[0] == "jsonargparse":  # e.g. its PathError: a file it cannot write
-        return _one_line(err)
-    if isinstance(err, OSError):
-        if isinstance(err, run_folder.CheckpointWriteError):
-            return f"{err.strerror}."
-        if isinstance(err, (FileNotFoundError, PermissionError)) or err.errno in DISK_ERRNOS:
-            name = errno.errorcode.get(err.errno or 0, "")
-            where = f"{err.filename}: " if err.filename else ""
-            return f"{where}{err.strerror or _one_line(err)}" + (f" ({name})." if name else ".")
-        return None
-    if _ours(err) or isinstance(err, MisconfigurationException):
-        return _one_line(err)
-    if isinstance(err, ValueError) and _raised_in(err).split(".")[0] in CHECKING_PACKAGES:
-        return _one_line(err)
-    return None
-
-
 def _config_paths(args: Sequence[str]) -> list[str]:
     paths = []
     for i, arg in enumerate(args):
@@ -289,7 +229,7 @@ def check_config_files(args: Sequence[str]) -> None:
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or _one_line(err)
+            problem = getattr(err, "problem", None) or one_line(err)
             raise ConfigFileError(f"{path} is not valid YAML: {problem}{where}.") from None
         except UnicodeDecodeError:
             raise ConfigFileError(f"{path} is not a text (YAML) file.") from None
@@ -341,18 +281,6 @@ def run_cli(
         )
 
     guarded(run, cli_class.program)
-
-
-def guarded(fn: Callable[[], Any], program: str = "iamrec") -> Any:
-    """`fn()` under the CLI's error policy: an expected failure becomes one sentence and exit status 2."""
-    try:
-        return fn()
-    except Exception as err:
-        message = expected_error(err)
-        if message is None or os.environ.get("IAMREC_DEBUG"):
-            raise
-        print(f"{program}: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def export(args: list[str]) -> None:

@@ -315,7 +315,7 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--index", type=int, default=0, help="which of the tested samples")
     ns = parser.parse_args(args)
-    from iamrec.cli import guarded
+    from iamrec.errors import guarded
 
     print(guarded(lambda: show_test_user(ns.checkpoint, ns.data_dir, ns.k, ns.index)))
 

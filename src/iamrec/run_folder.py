@@ -47,6 +47,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from iamrec.errors import CheckpointWriteError
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -77,10 +79,6 @@ class CheckpointError(ValueError):
 
 class MarkerError(ValueError):
     """A ``DONE`` marker that is not a valid record (truncated or corrupt; the message names the file)."""
-
-
-class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed (disk full, read-only folder); the previous checkpoint is intact."""
 
 
 # --------------------------------------------------------------------------------------- atomic writes
