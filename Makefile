@@ -11,7 +11,7 @@ TORCH_GPU ?= torch>=2.5
 TORCH_ARGS ?=
 DATA := data/processed
 SEEDS ?= 0 1 2
-# A key of iamrec.reproduce.PROFILES (cpu: 2-core plumbing check, gpu: the real table on one GPU, tiny: tests,
+# A key of iamrec.tables.plan.PROFILES (cpu: 2-core plumbing check, gpu: the real table on one GPU, tiny: tests,
 # full: the configs as written); a profile's overlays live in configs/profiles/.
 PROFILE ?= cpu
 DATASETS ?= ml100k

@@ -375,7 +375,8 @@ def test_a_real_full_then_read_only_disk(trained, tmp_path, processed_dir):
 def test_a_truncated_done_marker_is_named_and_the_cell_runs_again(
     tmp_path, processed_dir, monkeypatch, capsys
 ):
-    from iamrec import reproduce as rp
+    from iamrec.tables.plan import TableRun
+    from iamrec.tables.runner import reproduce
 
     work = tmp_path / "work"
     (work / "data" / "processed").mkdir(parents=True)
@@ -383,7 +384,7 @@ def test_a_truncated_done_marker_is_named_and_the_cell_runs_again(
     (work / "data" / "processed" / "ml100k").symlink_to(processed_dir)
     monkeypatch.chdir(work)
     root, out = work / "runs", work / "results" / "table2"
-    rp.reproduce("table2", ["ml100k"], [0], "tiny", root=root, out=out, methods=["popular"])
+    reproduce(TableRun("table2", ["ml100k"], [0], "tiny", root, out, methods=["popular"]))
     run_dir = root / "ml100k" / "popular" / "seed0"
     done = run_dir / "DONE"
     done.write_text(done.read_text()[:15])  # a crash mid-write, as before the markers were atomic
@@ -391,7 +392,7 @@ def test_a_truncated_done_marker_is_named_and_the_cell_runs_again(
     with pytest.raises(run_folder.MarkerError, match=f"{done} is not a valid DONE record"):
         run_folder.read_done(run_dir)
     capsys.readouterr()
-    rp.reproduce("table2", ["ml100k"], [0], "tiny", root=root, out=out, methods=["popular"])
+    reproduce(TableRun("table2", ["ml100k"], [0], "tiny", root, out, methods=["popular"]))
     said = capsys.readouterr().out
     assert f"ml100k/popular seed0: {done} is not a valid DONE record (truncated or corrupt JSON: " in said
     assert "Treating it as not done: it runs again." in said

@@ -20,11 +20,20 @@ import pytest
 import yaml
 
 from iamrec import reproduce as rp
-from iamrec.reproduce import PROFILES, TABLES, Cell, Profile, plan, stage_commands
 from iamrec.run_folder import is_done
+from iamrec.tables import plan as tp
+from iamrec.tables import report, runner
+from iamrec.tables.plan import PROFILES, TABLES, Cell, Profile, TableRun, plan, stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
-CELLS = [Cell(t, d, m) for t in TABLES for d in rp.DATASETS for m in TABLES[t]]
+
+
+def reproduce(table, datasets, seeds, profile="cpu", root=None, out=None, dry_run=False, **settings) -> str:
+    """One table run (`iamrec.tables.runner.reproduce` of a `TableRun`)."""
+    return runner.reproduce(TableRun(table, datasets, seeds, profile, root, out, dry_run=dry_run, **settings))
+
+
+CELLS = [Cell(t, d, m) for t in TABLES for d in tp.DATASETS for m in TABLES[t]]
 METRICS = {"HR@5": 0.2, "HR@10": 0.3, "HR@20": 0.4, "NDCG@5": 0.1, "NDCG@10": 0.15, "NDCG@20": 0.2}
 
 
@@ -43,7 +52,7 @@ def test_plan_has_one_config_per_cell(in_repo) -> None:
     assert [c.kind for c in cells] == ["popular", "sasrec", "llm", "llm", "llm"]
     assert cells[4].configs == (Path("configs/ml100k.yaml"), Path("configs/table2/ml100k/iam.yaml"))
     assert cells[1].configs == (Path("configs/table2/ml100k/sasrec.yaml"),)  # stand-alone SASRec config
-    assert len(plan("ablation", list(rp.DATASETS))) == 15 * len(rp.DATASETS)  # PRESETS: 10 masked, 5 added
+    assert len(plan("ablation", list(tp.DATASETS))) == 15 * len(tp.DATASETS)  # PRESETS: 10 masked, 5 added
     # every shipped cell file is a planned cell and vice versa
     shipped = {
         p.relative_to("configs").with_suffix("").as_posix()
@@ -98,7 +107,7 @@ def test_profile_overlays_and_commands(in_repo, tmp_path: Path) -> None:
     ]
     assert test_argv[-1] == f"--ckpt_path={ckpts / 'best-epoch=7.ckpt'}"
     assert stage_commands(Cell("table2", "ml100k", "popular"), 0, tmp_path, PROFILES["cpu"]) == []
-    assert rp.display(fit_argv).startswith("python -m iamrec.baselines.sasrec fit --config=")
+    assert tp.display(fit_argv).startswith("python -m iamrec.baselines.sasrec fit --config=")
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -117,7 +126,7 @@ def test_resolved_config_equals_the_cli(in_repo, capsys) -> None:
 
     cell = Cell("ablation", "toys", "stacked")
     prof = PROFILES["cpu"]
-    ours = rp.resolved_config(cell, prof)
+    ours = tp.resolved_config(cell, prof)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *[f"--config={c}" for c in cell.layers(prof)], "--print_config"])
     assert exit_info.value.code in (0, None)
@@ -168,16 +177,16 @@ CPU_SASREC_ML100K = {
 
 
 def test_cpu_profile_resolves_as_before(in_repo) -> None:
-    resolved = _leaves(rp.resolved_config(Cell("table2", "ml100k", "iam"), PROFILES["cpu"]))
-    resolved = {k: v for k, v in resolved.items() if not k.startswith(("model.attention", "model.lora"))}
-    assert resolved == CPU_IAM_ML100K
-    assert {type(resolved[k]) for k in ("model.lr", "model.warmup_steps")} == {float, int}
-    sasrec = _leaves(rp.resolved_config(Cell("table2", "ml100k", "sasrec"), PROFILES["cpu"]))
+    resolved = _leaves(tp.resolved_config(Cell("table2", "ml100k", "iam"), PROFILES["cpu"]))
+    # resolved by the CLI's parser, so every other key holds its class default
+    assert {k: resolved[k] for k in CPU_IAM_ML100K} == CPU_IAM_ML100K
+    assert isinstance(resolved["model.lr"], float)  # 1.0e-3, not YAML 1.1's string "1.0e-3"
+    sasrec = _leaves(tp.resolved_config(Cell("table2", "ml100k", "sasrec"), PROFILES["cpu"]))
     assert {k: sasrec[k] for k in CPU_SASREC_ML100K} == CPU_SASREC_ML100K
     # every LLM cell of both tables gets the same cpu settings: only its attention/LoRA keys differ
     for cell in plan("table2", ["ml100k"]) + plan("ablation", ["ml100k"]):
         if cell.kind == "llm":
-            leaves = _leaves(rp.resolved_config(cell, PROFILES["cpu"]))
+            leaves = _leaves(tp.resolved_config(cell, PROFILES["cpu"]))
             assert {k: leaves[k] for k in CPU_IAM_ML100K} == CPU_IAM_ML100K, cell.name
     # the overlays never choose the method: no attention key (LoRA or full fine-tuning is the profile's,
     # the same for every LLM cell: `gpu` fine-tunes fully)
@@ -224,7 +233,7 @@ def workspace(processed_dir: Path, tmp_path: Path, monkeypatch) -> Path:
     (tmp_path / "configs").symlink_to(REPO / "configs")
     (tmp_path / "data" / "processed").mkdir(parents=True)
     (tmp_path / "data" / "processed" / "ml100k").symlink_to(processed_dir)
-    monkeypatch.setattr(rp, "backbone_available", lambda spec: True)
+    monkeypatch.setattr(tp, "backbone_available", lambda spec: True)
     (tmp_path / "small.yaml").write_text("data:\n  max_eval_samples: 5\n")
     small = Profile("small", llm=(Path("small.yaml"),), sasrec=(Path("small.yaml"),), about="t")
     monkeypatch.setitem(PROFILES, "small", small)
@@ -233,9 +242,9 @@ def workspace(processed_dir: Path, tmp_path: Path, monkeypatch) -> Path:
 
 def test_run_skips_finished_and_resumes(workspace: Path, monkeypatch) -> None:
     calls: list[list[str]] = []
-    monkeypatch.setattr(rp, "_call", _fake_stages(calls))
+    monkeypatch.setattr(runner, "_call", _fake_stages(calls))
     root = workspace / "runs"
-    rp.reproduce("table2", ["ml100k"], [0, 1], "small", root=root, out=workspace / "results" / "table2")
+    reproduce("table2", ["ml100k"], [0, 1], "small", root=root, out=workspace / "results" / "table2")
     assert len(calls) == 4 * 2 * 2  # sasrec, causal, hatllm, iam x 2 seeds x (fit, test); popular in-process
     sasrec_test = [c for c in calls if c[2] == "iamrec.baselines.sasrec" and c[3] == "test"]
     assert sasrec_test[0][-1].endswith(
@@ -258,10 +267,10 @@ def test_run_skips_finished_and_resumes(workspace: Path, monkeypatch) -> None:
     (causal / "DONE").unlink()
     (causal / "FIT_DONE").unlink()
     calls.clear()
-    plan_text = rp.reproduce("table2", ["ml100k"], [0, 1], "small", root=root, dry_run=True)
+    plan_text = reproduce("table2", ["ml100k"], [0, 1], "small", root=root, dry_run=True)
     assert "ml100k/iam seed0: done, skipped" in plan_text and "ml100k/iam seed1: resume" in plan_text
     assert "fit (finished, skipped)" in plan_text and calls == []
-    rp.reproduce("table2", ["ml100k"], [0, 1], "small", root=root, out=workspace / "results" / "table2")
+    reproduce("table2", ["ml100k"], [0, 1], "small", root=root, out=workspace / "results" / "table2")
     assert [c[3] for c in calls] == ["fit", "test", "test"]  # causal fit (resumed) + test, iam test only
     assert calls[0][-1] == "--ckpt_path=last" and f"--trainer.default_root_dir={causal}" in calls[0]
     assert f"--trainer.default_root_dir={root / 'ml100k' / 'iam' / 'seed1'}" in calls[2]
@@ -271,28 +280,28 @@ def test_run_skips_finished_and_resumes(workspace: Path, monkeypatch) -> None:
         causal / "lightning_logs/version_1/test_metrics.json"
     ).read_text()
     with pytest.raises(ValueError, match="another profile"):
-        rp.reproduce("table2", ["ml100k"], [0], "cpu", root=root, dry_run=True)
+        reproduce("table2", ["ml100k"], [0], "cpu", root=root, dry_run=True)
 
 
 def test_missing_dataset_is_listed_not_an_error(workspace: Path, monkeypatch) -> None:
     calls: list[list[str]] = []
-    monkeypatch.setattr(rp, "_call", _fake_stages(calls))
+    monkeypatch.setattr(runner, "_call", _fake_stages(calls))
     root = workspace / "runs"
-    plan_text = rp.reproduce("table2", ["ml100k", "toys"], [0], "small", root=root, dry_run=True)
+    plan_text = reproduce("table2", ["ml100k", "toys"], [0], "small", root=root, dry_run=True)
     assert "toys/iam: MISSING: no processed data (data/processed/toys/samples.parquet)" in plan_text
     assert "python -m data_prep.amazon --reviews <reviews file>" in plan_text
     assert not root.exists()  # a dry run writes nothing
-    report = rp.reproduce("table2", ["ml100k", "toys"], [0], "small", root=root, out=workspace / "r" / "t2")
+    report = reproduce("table2", ["ml100k", "toys"], [0], "small", root=root, out=workspace / "r" / "t2")
     assert (root / "toys" / "sasrec" / "MISSING").is_file()
     assert "## Missing cells" in report and "| toys/popular | no processed data" in report
     assert "--output data/processed/toys" in report and "## ml100k" in report
     # an absent local backbone is missing too, with the command that fetches it
-    monkeypatch.setattr(rp, "backbone_available", lambda spec: False)
-    reason, command = rp.missing_inputs(Cell("table2", "ml100k", "iam"), PROFILES["cpu"])
+    monkeypatch.setattr(tp, "backbone_available", lambda spec: False)
+    reason, command = tp.missing_inputs(Cell("table2", "ml100k", "iam"), PROFILES["cpu"])
     assert "backbone .assets/models/SmolLM2-135M-Instruct" in reason and command == "make assets"
-    assert rp.missing_inputs(Cell("table2", "ml100k", "sasrec"), PROFILES["cpu"]) is None  # no backbone
+    assert tp.missing_inputs(Cell("table2", "ml100k", "sasrec"), PROFILES["cpu"]) is None  # no backbone
     # a missing backbone on a missing dataset lists both providers
-    reason, command = rp.missing_inputs(Cell("ablation", "toys", "iam"), PROFILES["full"])
+    reason, command = tp.missing_inputs(Cell("ablation", "toys", "iam"), PROFILES["full"])
     assert "Qwen/Qwen2.5-0.5B-Instruct" in reason and command.startswith("python -m data_prep.amazon")
 
 
@@ -300,7 +309,7 @@ def test_popular_scores_exactly_the_llm_test_rows(workspace: Path) -> None:
     from iamrec.data import IAMDataModule
 
     cell = Cell("table2", "ml100k", "popular")
-    data_dir, rows = rp.popular_rows(cell, PROFILES["small"])
+    data_dir, rows = tp.popular_rows(cell, PROFILES["small"])
     dm = IAMDataModule("data/processed/ml100k", tokenizer="tiny", max_eval_samples=5, seed=0)
     dm.setup("test")
     assert data_dir == "data/processed/ml100k" and len(rows) == 5
@@ -382,7 +391,7 @@ def test_update_headers_writes_the_measured_line(tmp_path: Path, monkeypatch) ->
         metrics = {"HR@10": hr, "NDCG@10": hr / 2, "HR@20": hr * 2, "NDCG@20": hr, "users": 80}
         (run_dir / "test_metrics.json").write_text(json.dumps(metrics))
         (run_dir / "DONE").write_text(json.dumps({"profile": "cpu", "seconds": 600 + 60 * seed}))
-    changed = rp.update_headers("table2", ["ml100k"], [0, 1], "cpu", root)
+    changed = report.update_headers("table2", ["ml100k"], [0, 1], "cpu", root)
     assert changed == [Path("configs/table2/ml100k/iam.yaml")]  # the only cell with runs
     lines = changed[0].read_text().splitlines()
     measured = [line for line in lines if line.startswith("# Measured")]
@@ -396,33 +405,31 @@ def test_update_headers_writes_the_measured_line(tmp_path: Path, monkeypatch) ->
 
 
 def test_methods_restrict_what_runs(workspace: Path) -> None:
-    plan_text = rp.reproduce(
+    plan_text = reproduce(
         "table2", ["ml100k"], [0], "small", root=workspace / "runs", dry_run=True, methods=["iam"]
     )
     assert "ml100k/iam seed0: run" in plan_text and "ml100k/causal seed0" not in plan_text
-    cpu = rp.reproduce("table2", ["ml100k"], [0], "cpu", root=workspace / "cpu", dry_run=True)
+    cpu = reproduce("table2", ["ml100k"], [0], "cpu", root=workspace / "cpu", dry_run=True)
     assert "    fit: iamrec fit --config=configs/ml100k.yaml --config=configs/table2/ml100k/iam.yaml " in cpu
     assert cpu.count("--config=configs/profiles/cpu.yaml ") == 6  # fit + test of 3 LLM cells
     assert cpu.count("--config=configs/profiles/cpu-sasrec.yaml ") == 2
     with pytest.raises(ValueError, match="unknown method"):
-        rp.reproduce(
-            "table2", ["ml100k"], [0], "small", root=workspace / "runs", dry_run=True, methods=["foo"]
-        )
+        reproduce("table2", ["ml100k"], [0], "small", root=workspace / "runs", dry_run=True, methods=["foo"])
 
 
 def test_ablation_reuses_finished_table2_cells_of_the_same_settings(workspace: Path, monkeypatch) -> None:
     calls: list[list[str]] = []
-    monkeypatch.setattr(rp, "_call", _fake_stages(calls))
+    monkeypatch.setattr(runner, "_call", _fake_stages(calls))
     runs = workspace / "runs"
-    rp.reproduce("table2", ["ml100k"], [0], "small", root=runs / "table2", methods=["iam", "causal"])
+    reproduce("table2", ["ml100k"], [0], "small", root=runs / "table2", methods=["iam", "causal"])
     calls.clear()
     methods = ["causal", "iam", "hatllm", "split"]
-    plan_text = rp.reproduce(
+    plan_text = reproduce(
         "ablation", ["ml100k"], [0], "small", root=runs / "ablation", dry_run=True, methods=methods
     )
     assert f"ml100k/iam seed0: same settings as {runs / 'table2/ml100k/iam/seed0'} (finished)" in plan_text
     assert "ml100k/hatllm seed0: run" in plan_text  # not finished in table2: trained here
-    rp.reproduce(
+    reproduce(
         "ablation", ["ml100k"], [0], "small", root=runs / "ablation", out=workspace / "abl", methods=methods
     )
     trained = sorted(next(a for a in c if a.startswith("--config=configs/ablation")) for c in calls)
@@ -436,7 +443,7 @@ def test_ablation_reuses_finished_table2_cells_of_the_same_settings(workspace: P
             runs / "table2/ml100k" / method / "seed0/test_metrics.json"
         ).read_text()
     # another profile's twin is not reused
-    assert rp.twin_run(Cell("ablation", "ml100k", "iam"), 0, runs / "ablation", PROFILES["cpu"]) is None
+    assert runner.twin_run(Cell("ablation", "ml100k", "iam"), 0, runs / "ablation", PROFILES["cpu"]) is None
 
 
 # ------------------------------------------------------------------ profiles gpu and tiny, time budget
@@ -460,7 +467,7 @@ def test_gpu_and_tiny_overlays_parse_through_the_clis(in_repo, capsys) -> None:
                     and config["model"]["attention"]["schedule"] == "iam"
                 )
             assert config["data"]["max_eval_samples"] == (None if profile == "gpu" else 6)
-    assert rp.resolved_config(Cell("table2", "ml100k", "iam"), PROFILES["gpu"])["model"]["lora"] is None
+    assert tp.resolved_config(Cell("table2", "ml100k", "iam"), PROFILES["gpu"])["model"]["lora"] is None
 
 
 def test_gpu_dry_run_prints_the_plan_with_its_overlays(workspace: Path, capsys) -> None:
@@ -471,9 +478,9 @@ def test_gpu_dry_run_prints_the_plan_with_its_overlays(workspace: Path, capsys) 
     assert out.count("--config=configs/profiles/gpu-sasrec.yaml ") == 2
     assert not Path("results").exists()  # a dry run writes nothing
     # reports: results/<profile>/<table>; the committed cpu reports stay at results/<table>
-    assert rp.default_out("gpu", "table2") == Path("results/gpu/table2")
-    assert rp.default_out("cpu", "ablation") == Path("results/ablation")
-    assert rp.default_root("tiny", "table2") == Path("results/runs/tiny/table2")
+    assert tp.default_out("gpu", "table2") == Path("results/gpu/table2")
+    assert tp.default_out("cpu", "ablation") == Path("results/ablation")
+    assert tp.default_root("tiny", "table2") == Path("results/runs/tiny/table2")
 
 
 def test_a_failed_cell_seed_does_not_stop_the_others(workspace: Path, monkeypatch) -> None:
@@ -485,9 +492,9 @@ def test_a_failed_cell_seed_does_not_stop_the_others(workspace: Path, monkeypatc
             raise subprocess.CalledProcessError(1, argv)
         return fake(argv, log)
 
-    monkeypatch.setattr(rp, "_call", run)
-    with pytest.raises(rp.CellFailed, match=r"1 cell-seed\(s\) failed: ml100k/hatllm seed0") as info:
-        rp.reproduce("table2", ["ml100k"], [0], "small", root=workspace / "runs", out=workspace / "t2")
+    monkeypatch.setattr(runner, "_call", run)
+    with pytest.raises(runner.CellFailed, match=r"1 cell-seed\(s\) failed: ml100k/hatllm seed0") as info:
+        reproduce("table2", ["ml100k"], [0], "small", root=workspace / "runs", out=workspace / "t2")
     assert is_done(workspace / "runs/ml100k/iam/seed0")  # the cell after the failed one ran
     assert "## Failed" in info.value.report and "| iam | 1 |" in (workspace / "t2.md").read_text()
 
@@ -553,10 +560,10 @@ def test_jobs_run_cell_seeds_side_by_side(workspace: Path, monkeypatch) -> None:
             with lock:
                 alive[0] -= 1
 
-    monkeypatch.setattr(rp, "_call", run)
+    monkeypatch.setattr(runner, "_call", run)
     root = workspace / "runs"
-    with pytest.raises(rp.CellFailed, match=r"1 cell-seed\(s\) failed: ml100k/hatllm seed1"):
-        rp.reproduce("table2", ["ml100k"], [0, 1], "small", root=root, out=workspace / "t2", jobs=3)
+    with pytest.raises(runner.CellFailed, match=r"1 cell-seed\(s\) failed: ml100k/hatllm seed1"):
+        reproduce("table2", ["ml100k"], [0, 1], "small", root=root, out=workspace / "t2", jobs=3)
     assert most[0] == 3  # side by side, never more than --jobs
     order = [s.split("/ml100k/")[1] for s in started]
     logged = "fit output\ntest output\n"
@@ -567,7 +574,7 @@ def test_jobs_run_cell_seeds_side_by_side(workspace: Path, monkeypatch) -> None:
             ok = (method, seed) != ("hatllm", 1)  # the failing fake raises before it writes output
             assert is_done(run_dir) == ok and (not ok or (run_dir / "reproduce.log").read_text() == logged)
     with pytest.raises(ValueError, match="--jobs must be at least 1"):
-        rp.reproduce("table2", ["ml100k"], [0], "small", root=root, jobs=0)
+        reproduce("table2", ["ml100k"], [0], "small", root=root, jobs=0)
 
 
 def test_an_interrupted_parallel_run_stops_its_stages_and_reports(workspace: Path, monkeypatch) -> None:
@@ -581,17 +588,25 @@ def test_an_interrupted_parallel_run_stops_its_stages_and_reports(workspace: Pat
         sleepers.append(proc)
         return proc
 
-    monkeypatch.setattr(rp.subprocess, "Popen", popen)
-    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(runner.subprocess, "Popen", popen)
+
+    def interrupt_once_both_run() -> None:  # not a fixed delay: planning time varies with the machine's load
+        deadline = time.time() + 60
+        while len(sleepers) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Thread(target=interrupt_once_both_run, daemon=True)
     previous = signal.signal(signal.SIGTERM, rp._terminated)
     timer.start()
     try:
         with pytest.raises(SystemExit):
-            rp.reproduce(
+            reproduce(
                 "table2", ["ml100k"], [0], "small", root=workspace / "runs", out=workspace / "t2", jobs=2
             )
     finally:
-        timer.cancel()
+        timer.join()
         signal.signal(signal.SIGTERM, previous)
     assert len(sleepers) == 2 and all(p.poll() is not None for p in sleepers)  # both stopped, none left
     text = (workspace / "t2.md").read_text()

@@ -15,9 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from iamrec import reproduce as rp
 from iamrec import session
 from iamrec.run_folder import is_done
+from iamrec.tables import archive as packing
+from iamrec.tables import plan as rp
+from iamrec.tables import sitting
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = {"HR@5": 0.2, "HR@10": 0.3, "HR@20": 0.4, "NDCG@5": 0.1, "NDCG@10": 0.15, "NDCG@20": 0.2}
@@ -48,7 +50,7 @@ def members(archive: Path) -> dict[str, tarfile.TarInfo]:
 
 def manifest(archive: Path) -> dict:
     with tarfile.open(archive) as tar:
-        return json.loads(tar.extractfile(session.MANIFEST).read())
+        return json.loads(tar.extractfile(packing.MANIFEST).read())
 
 
 def fake_run(method: str, seed: int, hr10: float = 0.3, finished: bool = True, table: str = "table2") -> Path:
@@ -80,7 +82,7 @@ def test_run_on_a_cpu_packs_one_archive_without_checkpoints(workspace: Path) -> 
         "--methods", "popular,iam", "--archive", str(archive),
     )  # fmt: skip
     assert code == 0
-    assert archive.stat().st_size < session.MAX_ARCHIVE_MIB * 2**20
+    assert archive.stat().st_size < packing.MAX_ARCHIVE_MIB * 2**20
     names = members(archive)
     assert not [n for n in names if n.endswith(".ckpt") or n.startswith((".assets", "data/"))]
     root = "results/runs/tiny/table2/ml100k"
@@ -109,7 +111,7 @@ def test_run_on_a_cpu_packs_one_archive_without_checkpoints(workspace: Path) -> 
 
 
 def test_steps_that_need_a_gpu_are_skipped_and_the_rest_goes_on(workspace: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(session, "ENV_SCRIPT", NO_GPU)
+    monkeypatch.setattr(sitting, "ENV_SCRIPT", NO_GPU)
     fake_run("iam", 0)
     assert run("--profile", "gpu", "--skip", "assets,data", "--seeds", "0", "--archive", "a.tar.gz") == 0
     steps = {s["name"]: s["status"] for s in manifest(Path("a.tar.gz"))["steps"]}
@@ -124,8 +126,8 @@ def test_steps_that_need_a_gpu_are_skipped_and_the_rest_goes_on(workspace: Path,
 def test_an_archive_over_the_limit_is_refused_naming_the_biggest_files(
     workspace: Path, monkeypatch, capsys
 ) -> None:
-    monkeypatch.setattr(session, "ENV_SCRIPT", NO_GPU)
-    monkeypatch.setattr(session, "MAX_ARCHIVE_MIB", 0.25)
+    monkeypatch.setattr(sitting, "ENV_SCRIPT", NO_GPU)
+    monkeypatch.setattr(packing, "MAX_ARCHIVE_MIB", 0.25)
     run_dir = fake_run("iam", 0)
     (run_dir / "lightning_logs" / "version_0" / "events.out.tfevents.1").write_bytes(os.urandom(600_000))
     code = run(
@@ -145,7 +147,7 @@ def test_an_archive_over_the_limit_is_refused_naming_the_biggest_files(
 
 
 def test_merge_two_sittings_into_one_report(workspace: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(session, "ENV_SCRIPT", NO_GPU)
+    monkeypatch.setattr(sitting, "ENV_SCRIPT", NO_GPU)
     pack = ("--profile", "tiny", "--skip", "assets,data,tests,bench,tables")
     # sitting 1: seed 0 of four rows (hatllm's fit ended without a test); sitting 2: seed 1 of two rows
     for method in ("popular", "sasrec", "causal", "iam"):
@@ -198,7 +200,7 @@ def test_merge_two_sittings_into_one_report(workspace: Path, monkeypatch, capsys
 def test_resume_merges_earlier_sittings_first_and_does_not_pack_them_again(
     workspace: Path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(session, "ENV_SCRIPT", NO_GPU)
+    monkeypatch.setattr(sitting, "ENV_SCRIPT", NO_GPU)
     pack = ("--profile", "tiny", "--skip", "assets,data,tests,bench,tables", "--seeds", "0")
     fake_run("iam", 0)
     assert run(*pack, "--archive", "a.tar.gz") == 0

@@ -322,22 +322,27 @@ def build_report(
     expected_cells: Mapping[str, str] | None = None,
     test_metric: str = "NDCG@10",
     iam: str = IAM,
+    header: str = "",
+    tail: str = "",
 ) -> str:
-    """Collect ``root``, write ``<out>.md``, ``<out>.csv`` (aggregate) and ``<out>.png``; return the markdown."""
+    """Collect ``root``, write ``<out>.md`` (`header` first, `tail` last), ``<out>.csv`` (aggregate) and
+    ``<out>.png``; return the markdown. The only writer of a report's ``.md``."""
     runs = collect_runs(root)
     missing = missing_cells(root, expected_cells)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if runs.empty:
         text = f"No finished runs under {root}.\n\n" + to_markdown(aggregate(runs, []), missing=missing)
-        Path(f"{out}.md").write_text(text)
-        return text
-    agg = aggregate(runs)
-    sig = significance(runs, agg, test_metric, iam)
-    text = to_markdown(agg, iam=iam, significance_df=sig, missing=missing)
+    else:
+        agg = aggregate(runs)
+        sig = significance(runs, agg, test_metric, iam)
+        text = to_markdown(agg, iam=iam, significance_df=sig, missing=missing)
+        agg.to_csv(f"{out}.csv", index=False)
+        plot(agg, f"{out}.png", iam=iam)
+    text = header + text
+    if tail:
+        text = text.rstrip("\n") + "\n\n" + tail
     Path(f"{out}.md").write_text(text)
-    agg.to_csv(f"{out}.csv", index=False)
-    plot(agg, f"{out}.png", iam=iam)
     return text
 
 
