@@ -259,8 +259,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
-    return run_main(lambda: build_assets(a.root, a.only, a.wheel_dir))
+    return run_main(parse_args, lambda a: build_assets(a.root, a.only, a.wheel_dir), argv)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -240,12 +241,14 @@ def print_summary(stats: dict, output: str | Path) -> None:
     print(f"wrote {output}/{{items,users,interactions,samples}}.parquet and stats.json")
 
 
-def run_main(fn: Callable[[], object]) -> int:
-    """The exit status of a data prep command running ``fn()`` (its arguments already parsed) under
-    iamrec's one error policy (``iamrec.errors.guarded``): an expected error (every ``DataPrepError``)
-    is one sentence ``error: ...`` on stderr and exit status 2."""
+def run_main(parse: Callable[[Any], Any], run: Callable[[Any], object], argv=None) -> int:
+    """The exit status of a data prep command: ``run(parse(argv))``. The parsing stays argparse's own
+    (``--help``, a bad option: its message and exit); the run goes under iamrec's one error policy
+    (``iamrec.errors.guarded``): an expected error (every ``DataPrepError``) is one sentence
+    ``error: ...`` on stderr and exit status 2."""
+    args = parse(argv)
     try:
-        guarded(fn, program=None)
+        guarded(lambda: run(args), program=None)
     except SystemExit as exit_:  # guarded's exit after its sentence
         return exit_.code
     return OK

@@ -367,8 +367,7 @@ def _run(a: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
-    return run_main(lambda: _run(a))
+    return run_main(parse_args, _run, argv)
 
 
 if __name__ == "__main__":
