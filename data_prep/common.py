@@ -201,7 +201,12 @@ def _parquet_files(
 
 
 def _kept_stats(
-    items_out: pd.DataFrame, dense: pd.DataFrame, users_out: pd.DataFrame, samples: pd.DataFrame, cfg, drops
+    items_out: pd.DataFrame,
+    dense: pd.DataFrame,
+    users_out: pd.DataFrame,
+    samples: pd.DataFrame,
+    cfg: ProtocolConfig,
+    drops: Drops,
 ) -> dict:
     """stats.json's counts of what was kept and dropped, the samples per split and their history lengths."""
     hist_len = samples["history"].map(len)
