@@ -18,6 +18,7 @@ import time
 import torch
 
 from iamrec.attention import apply_item_attention
+from iamrec.model import LoraConfig, add_lora
 from iamrec.model.loading import load_backbone
 from iamrec.segments import CONTEXT, TARGET
 
@@ -86,8 +87,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from peft import LoraConfig, get_peft_model
-
+    lora = LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
     base = load_backbone(args.model, dtype=args.dtype, random_weights=args.random_weights)
     ids, mask, seg = synthetic_batch(args.batch, args.length, base.config.vocab_size, device=args.device)
     print(
@@ -101,10 +101,7 @@ def main() -> None:
         for backend in args.backends:
             for schedule in args.schedules:
                 model = copy.deepcopy(base).to(args.device).train()
-                model = get_peft_model(
-                    model,
-                    LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-                )
+                model = add_lora(model, lora)
                 apply_item_attention(model, schedule, backend=backend)
                 key = (backend, schedule)
                 trainable[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)

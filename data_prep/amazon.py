@@ -32,7 +32,7 @@ asin (``missing_asin:<file>``); a ``categories`` / ``category`` value that is no
 left empty and counted under ``dropped.values`` (``categories_not_a_list:<file>``). Files are UTF-8
 (JSON's encoding; a leading byte-order mark is dropped); an undecodable line is named. Metadata records of items nobody reviewed are
 not part of the dataset; their number is reported as ``meta_records_not_reviewed``.
-Protocols, ties and determinism: see ``data_prep.common``.
+Protocols, ties and determinism: see ``data_prep.protocols``.
 """
 
 from __future__ import annotations
@@ -50,20 +50,10 @@ from typing import Literal
 
 import pandas as pd
 
-from data_prep.common import (
-    DataPrepError,
-    Drops,
-    ProtocolConfig,
-    build_dataset,
-    check_time,
-    iter_lines,
-    json_id,
-    json_int,
-    locked_output,
-    print_summary,
-    require_file,
-    run_main,
-)
+from data_prep.common import build_dataset, print_summary, run_main
+from data_prep.output import locked_output
+from data_prep.parsing import DataPrepError, check_time, iter_lines, json_id, json_int, require_file
+from data_prep.protocols import Drops, ProtocolConfig
 
 Format = Literal["auto", "2014", "2018"]
 MAX_TITLE_WORDS = 20
@@ -261,8 +251,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def _main(argv=None) -> None:
-    a = parse_args(argv)
+def _run(a: argparse.Namespace) -> None:
     cfg = ProtocolConfig(
         name=a.protocol, max_history=a.max_history, k_core=a.k_core, start=a.start, end=a.end, seed=a.seed
     )
@@ -271,7 +260,7 @@ def _main(argv=None) -> None:
 
 
 def main(argv=None) -> int:
-    return run_main(_main, argv)
+    return run_main(parse_args, _run, argv)
 
 
 if __name__ == "__main__":

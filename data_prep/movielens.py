@@ -27,13 +27,13 @@ RecBole's (UTF-8), and a UTF-8 ``u.item`` no longer turns into mangled titles. T
 recorded per input file in stats.json. ``--encoding latin-1`` (or any other) forces one for both files.
 
 Every rating is an interaction unless ``--min-rating`` is given. Values are parsed strictly (see
-``data_prep.common``): ratings and timestamps are exact integers ("881250949" or RecBole's
+``data_prep.parsing``): ratings and timestamps are exact integers ("881250949" or RecBole's
 "881250949.0"), a timestamp must lie between 1970 and 2100 in seconds; a line whose user or item id is
 blank or a null marker is dropped and counted (``missing_user_id:<file>`` / ``missing_item_id:<file>``).
 An item id in the ratings that the item file does not list, a malformed line or value, a missing field or
 an empty file stops the run with one message naming the file and line; nothing is written. When the input is recognised as ML-100K / ML-1M (by file names), the raw counts
 are compared with the published ones (ML-100K: 100,000 ratings, 943 users, 1,682 items); a mismatch is a
-warning, or an error with ``--strict-counts``. Ties, protocols and determinism: see ``data_prep.common``.
+warning, or an error with ``--strict-counts``. Ties, protocols and determinism: see ``data_prep.protocols``.
 """
 
 from __future__ import annotations
@@ -46,22 +46,19 @@ from typing import Literal
 
 import pandas as pd
 
-from data_prep.common import (
+from data_prep.common import build_dataset, print_summary, run_main
+from data_prep.output import locked_output
+from data_prep.parsing import (
     DataPrepError,
-    Drops,
-    ProtocolConfig,
-    build_dataset,
     check_encoding,
     check_time,
     detect_encoding,
     iter_lines,
-    locked_output,
     parse_int,
-    print_summary,
     require_file,
-    run_main,
     text_id,
 )
+from data_prep.protocols import Drops, ProtocolConfig
 
 Format = Literal["auto", "grouplens-100k", "grouplens-1m", "recbole"]
 # Published sizes: (ratings, users, items in the item file).
@@ -363,15 +360,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _main(argv=None) -> None:
-    a = parse_args(argv)
+def _run(a: argparse.Namespace) -> None:
     cfg = ProtocolConfig(name=a.protocol, max_history=a.max_history, min_rating=a.min_rating, seed=a.seed)
     stats = prepare(a.input, a.output, a.format, cfg, a.strict_counts, a.encoding)
     print_summary(stats, a.output)
 
 
 def main(argv=None) -> int:
-    return run_main(_main, argv)
+    return run_main(parse_args, _run, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from iamrec.attention import (
     installed_state,
     remove_item_attention,
 )
-from iamrec.attention.install import AddedItemAttention
+from iamrec.attention.passes import AddedItemAttention
 from iamrec.attention.schedule import ADDED_PRESETS, added_preset_entries, resolve_added
 from iamrec.decoding import TitleTrie, constrained_beam_search, reference_beam_search
 from iamrec.model import LoraConfig, build_model

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from data_prep import amazon
-from data_prep.common import DataPrepError, ProtocolConfig
+from data_prep.parsing import DataPrepError
+from data_prep.protocols import ProtocolConfig
 
 RAW = Path(__file__).parent / "fixtures" / "raw"
 EXPECTED_DROPS = {

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from data_prep import assets
-from data_prep.common import DataPrepError
+from data_prep.parsing import DataPrepError
 
 # pip pointed at a closed local port, with every config file and find-links ignored: fails in ~1 s.
 OFFLINE_PIP_ENV = {

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from data_prep import movielens
-from data_prep.common import DataPrepError, ProtocolConfig
+from data_prep.parsing import DataPrepError
+from data_prep.protocols import ProtocolConfig
 
 RAW = Path(__file__).parent / "fixtures" / "raw"
 ML_DIRS = ["ml100k_grouplens", "ml1m", "ml100k_recbole"]

@@ -25,8 +25,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data_prep import amazon, assets, common, movielens
-from data_prep.common import PAUSE_ENV, DataPrepError, ProtocolConfig
+from data_prep import amazon, assets, movielens
+from data_prep import output as common
+from data_prep.output import PAUSE_ENV
+from data_prep.parsing import DataPrepError
+from data_prep.protocols import ProtocolConfig
 from iamrec.data import DataFileError, load_items, load_samples
 from iamrec.data import dataset as loader
 from tests.conftest import write_processed, write_stats

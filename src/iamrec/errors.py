@@ -85,13 +85,16 @@ def expected_error(err: BaseException) -> str | None:
     return None
 
 
-def guarded(fn: Callable[[], Any], program: str = "iamrec") -> Any:
-    """`fn()` under the CLI's error policy: an expected failure becomes one sentence and exit status 2."""
+def guarded(fn: Callable[[], Any], program: str | None = "iamrec") -> Any:
+    """`fn()` under the CLI's error policy: an expected failure becomes one sentence and exit status 2.
+
+    The sentence reads ``<program>: error: ...``; with ``program=None`` just ``error: ...`` (data_prep's
+    commands)."""
     try:
         return fn()
     except Exception as err:
         message = expected_error(err)
         if message is None or os.environ.get("IAMREC_DEBUG"):
             raise
-        print(f"{program}: error: {message}", file=sys.stderr)
+        print(f"{program}: error: {message}" if program else f"error: {message}", file=sys.stderr)
         raise SystemExit(USAGE) from None

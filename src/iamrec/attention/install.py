@@ -1,6 +1,6 @@
 """Install item-aware attention into a transformers causal LM through its public seams.
 
-Nothing in transformers is forked. Four small pieces, each at one seam:
+Nothing in transformers is forked. The pieces, each at one seam:
 
 1. **Attention functions** ``iam_sdpa`` / ``iam_eager`` / ``iam_flex`` registered in
    ``AttentionInterface`` (and the stock mask builders under the same names in
@@ -12,18 +12,8 @@ Nothing in transformers is forked. Four small pieces, each at one seam:
    ``segment_ids=`` into an ``iam_context`` keyword. transformers forwards unknown keywords down to
    every attention call, so the context reaches each layer; it memoises one mask per kind, so each
    distinct kind is built once per forward, not once per layer.
-3. **Stacked passes** (``"intra+inter"``): a pre-hook on the decoder layer keeps its input (the
-   residual) and a hook after its ``self_attn`` runs the further passes: ``h1 = h + attn_1(norm(h))``,
-   ``attn_2(norm(h1))`` ... and returns the sum, so the layer's own ``residual + out`` equals the
-   stacked result. Pass p of layer i writes its keys/values to cache slot ``i + p * N`` — each pass
-   has its own keys and values, so cached decoding stays exact.
-4. **Added sublayers** (``ItemAttentionConfig.added``, the ``added_*`` presets): new modules
-   (`AddedItemAttention`, children ``iam_added.<j>`` of the decoder layer, so the layer's own weights and
-   names are untouched) run after the layer by a forward hook: ``h = h + attn_j(norm_j(h))`` for each added
-   kind in order. Each has its own pre-norm and projections, copied from the layer's (output projection
-   zeroed, so at installation the model computes exactly what the pretrained one does), and its own cache
-   slot after all stacked slots (``N * max passes`` onwards, in layer order); its attention module is the
-   layer's own class, so it goes through the same attention functions, masks and decoders.
+3. **Stacked passes** (``"intra+inter"``) and 4. **added sublayers** (``ItemAttentionConfig.added``): more
+   attention passes around a decoder layer, each with its own KV-cache slot (`iamrec.attention.passes`).
 5. **generate()** accepts ``segment_ids`` (its kwarg validation is told to let it through); generated
    tokens are TARGET because the context pads the prompt's segment ids with TARGET up to the cache
    length.
@@ -31,7 +21,6 @@ Nothing in transformers is forked. Four small pieces, each at one seam:
 
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,13 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from iamrec.attention.config import Backend, ItemAttentionConfig
+from iamrec.attention.config import ItemAttentionConfig, attention_config
 from iamrec.attention.masks import kind_rule, segment_mask_mod
+from iamrec.attention.passes import adapt_added, install_added, remove_added, stacked_hooks
 from iamrec.attention.schedule import (
     ADDED_PRESETS,
     Schedule,
@@ -198,203 +186,58 @@ def _decoder_layers(hf: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList]:
     return decoder, layers
 
 
-def _find_cache(args: tuple, kwargs: dict) -> Cache | None:
-    for value in list(kwargs.values()) + list(args):
-        if isinstance(value, Cache):
-            return value
-    return None
-
-
-def _ensure_slot(cache: Cache | None, slot: int) -> None:
-    """Give `cache` a layer for `slot` (the model's cache holds only the decoder layers' slots)."""
-    if cache is not None and hasattr(cache, "layers"):
-        while len(cache.layers) <= slot:
-            cache.layers.append(DynamicLayer())
-
-
-def _stacked_hooks(layer: nn.Module, kinds: tuple[str, ...], layer_idx: int, num_layers: int) -> list[Any]:
-    """Hooks that turn one decoder layer into ``len(kinds)`` stacked attention passes."""
-    attn = layer.self_attn
-    if not hasattr(layer, "input_layernorm"):
-        raise TypeError(f"{type(layer).__name__} has no input_layernorm; stacked schedules need one.")
-
-    def keep_residual(module, args, kwargs):
-        attn._iam_residual = args[0] if args else kwargs["hidden_states"]
-
-    def extra_passes(module, args, kwargs, output):
-        # Not popped: with activation checkpointing (transformers >= 5.2x checkpoints `forward`, outside the
-        # layer's hooks) the backward replay runs this hook again without re-running `keep_residual`.
-        residual = attn.__dict__.get("_iam_residual")
-        if kwargs.get("iam_context") is None or residual is None:
-            return output  # stock forward: a single causal pass
-        out, rest = output[0], output[1:]
-        total, hidden = out, residual
-        cache = _find_cache(args, kwargs)
-        try:
-            for p in range(1, len(kinds)):
-                hidden = hidden + out  # the residual stream after the previous pass
-                slot = layer_idx + p * num_layers
-                _ensure_slot(cache, slot)
-                attn.layer_idx = slot  # its own cache slot, and the kind of that slot
-                normed = layer.input_layernorm(hidden)
-                if args:
-                    out = attn.forward(normed, *args[1:], **kwargs)[0]
-                else:
-                    out = attn.forward(**{**kwargs, "hidden_states": normed})[0]
-                total = total + out
-        finally:
-            attn.layer_idx = layer_idx
-        return (total, *rest)
-
-    return [
-        layer.register_forward_pre_hook(keep_residual, with_kwargs=True),
-        attn.register_forward_hook(extra_passes, with_kwargs=True),
-    ]
-
-
-class AddedItemAttention(GradientCheckpointingLayer):
-    """One added item-aware sublayer after a decoder layer: ``h + self_attn(input_layernorm(h))``.
-
-    `self_attn` is a new instance of the layer's attention class with a copy of its weights (LoRA adapters
-    of the layer are not copied) and a zero output projection; `input_layernorm` a copy of the layer's
-    pre-norm. Its ``layer_idx`` is its own cache slot, whose kind `ItemAttentionState.slot_kind` holds, so
-    the registered attention functions and the decoders treat it as one more attention layer. A
-    ``GradientCheckpointingLayer``, so activation checkpointing covers it like a decoder layer.
-    """
-
-    def __init__(self, layer: nn.Module, layer_idx: int, slot: int, kind: str):
-        super().__init__()
-        self.kind = kind
-        self.self_attn = _copy_attention(layer.self_attn, layer_idx)
-        self.self_attn.layer_idx = slot
-        with torch.no_grad():
-            self.self_attn.o_proj.weight.zero_()
-            if getattr(self.self_attn.o_proj, "bias", None) is not None:
-                self.self_attn.o_proj.bias.zero_()
-        self.input_layernorm = copy.deepcopy(layer.input_layernorm)
-        for name in ("gradient_checkpointing", "_gradient_checkpointing_func"):  # enabled before installing
-            if name in layer.__dict__:
-                setattr(self, name, layer.__dict__[name])
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
-        return hidden_states + out
-
-
-def _copy_attention(attn: nn.Module, layer_idx: int) -> nn.Module:
-    """A new module of `attn`'s class holding a copy of its base weights (any peft LoRA layer unwrapped)."""
-    state = {
-        key.replace(".base_layer.", "."): value.detach().clone()
-        for key, value in attn.state_dict().items()
-        if "lora_" not in key
-    }
-    with torch.device("meta"):  # no random initialisation: every weight comes from `state`
-        new = type(attn)(attn.config, layer_idx=layer_idx)
-    new.load_state_dict(state, assign=True)
-    trainable = {
-        key.replace(".base_layer.", "."): p.requires_grad
-        for key, p in attn.named_parameters()
-        if "lora_" not in key
-    }
-    for key, p in new.named_parameters():
-        p.requires_grad_(trainable[key])  # a frozen (LoRA-wrapped) host gives frozen copies
-    if any(t.is_meta for t in list(new.parameters()) + list(new.buffers())):
-        raise TypeError(f"{type(attn).__name__} has state outside its state_dict; cannot copy it.")
-    return new
-
-
-def _added_hook(layer: nn.Module, sublayers: nn.ModuleList) -> Any:
-    """A forward hook that runs the added sublayers on the layer's output (item-aware forwards only)."""
-
-    def run_added(module, args, kwargs, output):
-        if kwargs.get("iam_context") is None:
-            return output  # stock forward
-        if len(args) > 1:
-            raise TypeError(
-                "added sublayers need the decoder layer called as layer(hidden_states, **kwargs)."
-            )
-        hidden = output[0] if isinstance(output, tuple) else output
-        cache = _find_cache(args, kwargs)
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        for sub in sublayers:
-            _ensure_slot(cache, sub.self_attn.layer_idx)
-            hidden = sub(hidden, **rest)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    return layer.register_forward_hook(run_added, with_kwargs=True)
-
-
-def _adapt_added(model: nn.Module, sublayers: list[nn.Module]) -> None:
-    """Under peft LoRA: give the added sublayers the model's adapters (same config, same targets)."""
-    import peft
-
-    lora_dtype = next((p.dtype for n, p in model.named_parameters() if "lora_" in n), None)
-    for sub in sublayers:
-        for adapter, config in model.peft_config.items():
-            peft.inject_adapter_in_model(copy.deepcopy(config), sub, adapter_name=adapter)
-        if not isinstance(sub.self_attn.o_proj, peft.tuners.tuners_utils.BaseTunerLayer):
-            raise ValueError(
-                "added item-aware sublayers under LoRA need the output projection among the LoRA target "
-                "modules (lora.target_modules must include o_proj): their o_proj starts at zero, and a "
-                "frozen zero projection never learns."
-            )
-        if lora_dtype is not None:
-            for name, p in sub.named_parameters():
-                if "lora_" in name:
-                    p.data = p.data.to(lora_dtype)
-
-
-def _remove_added(layers: nn.ModuleList) -> None:
-    for layer in layers:
-        if "iam_added" in layer._modules:
-            del layer.iam_added
-
-
 def apply_item_attention(
     model: nn.Module,
-    schedule: str | list[str] = "iam",
-    backend: Backend = "sdpa",
-    context_visible: bool = True,
-    split_at: int | None = None,
-    hatllm_bands: tuple[int, int] | None = None,
-    added: list[str] | None = None,
-    *,
-    config: ItemAttentionConfig | None = None,
+    config: ItemAttentionConfig | str | list[str] | None = None,
+    *positional: Any,
     config_key: str = "schedule",
+    **settings: Any,
 ) -> nn.Module:
     """Install item-aware attention into a transformers causal LM (or a peft model wrapping one).
 
     Afterwards ``model(input_ids=..., attention_mask=..., segment_ids=...)`` and
-    ``model.generate(..., segment_ids=...)`` attend item-aware following `schedule`; without
+    ``model.generate(..., segment_ids=...)`` attend item-aware following the schedule; without
     ``segment_ids`` the model is stock. Calling it again replaces the previous installation.
 
     Args:
         model: a transformers causal LM with a Llama-style decoder stack, possibly peft-wrapped.
-        schedule: a preset name (see ``iamrec.attention.PRESETS``) or one entry per decoder layer.
-        backend: ``sdpa`` (default), ``eager`` (reference) or ``flex`` (FlexAttention, GPU for training).
-        context_visible: every query may also see CONTEXT keys (instruction, response header).
-        split_at: layer where ``split``/``split_inter_first`` switch kinds (default: half).
-        hatllm_bands: (intra layers, inter layers) of the ``hatllm`` preset (default: a third each).
-        added: added item-aware sublayers, one entry per decoder layer (kinds joined by ``+``, run after
-            that layer in order; ``""`` for none), or None (none, or what an ``added_*`` preset chooses).
-            Each sublayer ``h + attn(norm(h))`` has its own pre-norm, projections (copied from the layer's,
-            output projection zero: the model starts as the pretrained one, bit for bit), residual and
-            KV-cache slot, and runs only when ``segment_ids`` are given. Training: with full fine-tuning
-            every new weight trains; on a peft LoRA model the sublayers get the model's LoRA adapters
-            (same config; their base weights stay frozen like the layer's), so ``target_modules`` must
-            include ``o_proj``. Installing before ``get_peft_model`` works too (the sublayers' projections
-            carry the layers' names, so peft's targets reach them). Re-installing rebuilds the sublayers
-            (their trained weights are dropped).
-        config: all of the settings above as one `ItemAttentionConfig`; when given, it replaces them.
+        config: an `ItemAttentionConfig`, or a schedule (a preset name or one entry per decoder layer);
+            None: the defaults.
+        *positional, **settings: `ItemAttentionConfig`'s settings (each documented there, nowhere else),
+            applied over `config`: after a schedule positionally in field order, or by name, e.g.
+            ``apply_item_attention(model, schedule="iam", backend="sdpa", context_visible=True)``.
         config_key: how errors name the schedule (e.g. ``model.attention.schedule`` from a config).
     """
-    if config is None:
-        config = ItemAttentionConfig(schedule, backend, context_visible, split_at, hatllm_bands, added)
-    schedule, backend, context_visible = config.schedule, config.backend, config.context_visible
+    config = attention_config(config, *positional, **settings)
     register_backends()
     hf = base_model(model)
     decoder, layers = _decoder_layers(hf)
-    num_layers = len(layers)
+    resolved, added_kinds = _resolve(config, len(layers), config_key)
+    old = getattr(hf, "_iam_state", None)
+    if old is not None:
+        for handle in old.handles:
+            handle.remove()
+    remove_added(layers)
+    state = ItemAttentionState(
+        resolved, config.backend, config.context_visible, len(layers), added=added_kinds
+    )
+    _install_passes(state, layers)
+    new_sublayers = install_added(state, layers)
+    if new_sublayers and hasattr(model, "peft_config"):
+        adapt_added(model, new_sublayers)
+    state.handles.append(decoder.register_forward_pre_hook(_context_hook(state), with_kwargs=True))
+    _set_attention(hf, f"iam_{config.backend}")
+    _allow_generate_kwarg(hf, "segment_ids")
+    hf._iam_state = state
+    return model
+
+
+def _resolve(
+    config: ItemAttentionConfig, num_layers: int, config_key: str
+) -> tuple[Schedule, list[tuple[str, ...]]]:
+    """Per decoder layer: the kinds of its passes, and those of its added sublayers (errors name
+    `config_key`, and its ``added`` sibling)."""
+    schedule = config.schedule
     resolved = resolve_schedule(schedule, num_layers, config.split_at, config.hatllm_bands, key=config_key)
     added_key = config_key.removesuffix("schedule") + "added"
     if config.added is not None:
@@ -405,13 +248,13 @@ def apply_item_attention(
         )
     else:
         added_kinds = [()] * num_layers
-    old = getattr(hf, "_iam_state", None)
-    if old is not None:
-        for handle in old.handles:
-            handle.remove()
-    _remove_added(layers)
-    state = ItemAttentionState(resolved, backend, context_visible, num_layers, added=added_kinds)
-    for i, kinds in enumerate(resolved):
+    return resolved, added_kinds
+
+
+def _install_passes(state: ItemAttentionState, layers: nn.ModuleList) -> None:
+    """Each decoder layer's own passes: the kind of each cache slot, and the hooks of stacked layers."""
+    num_layers = state.num_layers
+    for i, kinds in enumerate(state.schedule):
         if getattr(layers[i].self_attn, "layer_idx", i) != i:
             raise TypeError(
                 f"decoder layer {i} has self_attn.layer_idx={layers[i].self_attn.layer_idx}; expected {i}."
@@ -419,22 +262,11 @@ def apply_item_attention(
         for p, kind in enumerate(kinds):
             state.slot_kind[i + p * num_layers] = kind
         if len(kinds) > 1:
-            state.handles += _stacked_hooks(layers[i], kinds, i, num_layers)
-    slot = num_layers * max(len(kinds) for kinds in resolved)  # after every stacked pass's slot
-    new_sublayers = []
-    for i, kinds in enumerate(added_kinds):
-        if not kinds:
-            continue
-        sublayers = nn.ModuleList()
-        for kind in kinds:
-            sublayers.append(AddedItemAttention(layers[i], i, slot, kind))
-            state.slot_kind[slot] = kind
-            slot += 1
-        layers[i].iam_added = sublayers
-        new_sublayers += list(sublayers)
-        state.handles.append(_added_hook(layers[i], sublayers))
-    if new_sublayers and hasattr(model, "peft_config"):
-        _adapt_added(model, new_sublayers)
+            state.handles += stacked_hooks(layers[i], kinds, i, num_layers)
+
+
+def _context_hook(state: ItemAttentionState):
+    """The decoder stack's pre-hook: ``segment_ids=`` becomes the ``iam_context`` every attention call gets."""
 
     def to_context(module, args, kwargs):
         segment_ids = kwargs.pop("segment_ids", None)
@@ -443,11 +275,7 @@ def apply_item_attention(
         kwargs["iam_context"] = ItemContext(segment_ids, state)
         return args, kwargs
 
-    state.handles.append(decoder.register_forward_pre_hook(to_context, with_kwargs=True))
-    _set_attention(hf, f"iam_{backend}")
-    _allow_generate_kwarg(hf, "segment_ids")
-    hf._iam_state = state
-    return model
+    return to_context
 
 
 def _set_attention(hf: PreTrainedModel, name: str) -> None:
@@ -478,6 +306,6 @@ def remove_item_attention(model: nn.Module, attn_implementation: str | None = No
         for handle in state.handles:
             handle.remove()
         _set_attention(hf, attn_implementation or _STOCK_NAME[state.backend])
-        _remove_added(_decoder_layers(hf)[1])
+        remove_added(_decoder_layers(hf)[1])
         del hf._iam_state
     return model

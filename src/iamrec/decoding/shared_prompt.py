@@ -230,7 +230,13 @@ def shared_prompt_attention(
 
 @contextlib.contextmanager
 def decode_attention(model: nn.Module):
-    """Switch the model to `shared_prompt_attention` for the decode steps, restoring its own afterwards."""
+    """Switch the model to `shared_prompt_attention` for the decode steps, restoring its own afterwards.
+
+    Through the config's ``_attn_implementation`` setter (it sets the sub-configs too), not the model's
+    public ``set_attn_implementation`` that `apply_item_attention` uses once: that walks every module
+    on each call, and this switch runs twice per decode step (measured: 8 ms per step on a LoRA-wrapped
+    30-layer tiny model on CPU, 11% of the whole search, against 0.1-0.2 ms here).
+    """
     AttentionInterface.register(ATTENTION_NAME, shared_prompt_attention)
     config = base_model(model).config
     saved = config._attn_implementation
