@@ -48,6 +48,7 @@ from iamrec import run_folder
 from iamrec.errors import guarded, one_line
 from iamrec.predict import RecommendationWriter
 from iamrec.run_folder import CheckpointError
+from iamrec.timing import StageTimer
 
 # Knobs that change only how a trained model is evaluated: with `--ckpt_path FILE` the command line (or
 # config) wins over the checkpoint's saved hyper-parameters, which Lightning otherwise applies on top.
@@ -174,6 +175,8 @@ class IAMRecCLI(RunFolderCLI):
         run_folder.add_run_checkpoint(parser, save_top_k=0, every_n_train_steps=CHECKPOINT_EVERY)
         # `predict` writes recommendations.jsonl: --recommend.top_k (idle in the other subcommands)
         parser.add_lightning_class_args(RecommendationWriter, "recommend")
+        # <root>/timing.json: steps/s of fit and samples/s of test, read by the table scheduler
+        parser.add_lightning_class_args(StageTimer, "timing")
         # <root>/checkpoints/best.ckpt: the weights at the lowest val/loss so far (`--ckpt_path best`)
         run_folder.add_best_checkpoint(parser, monitor="val/loss", mode="min")
 
