@@ -119,6 +119,14 @@ def _assert_same(fast, ref):
     assert torch.equal(fast.item_ids, ref.item_ids)
 
 
+def test_next_tokens_table_lists_children_or_eos():
+    trie = _small_trie()
+    tokens, valid = trie.next_tokens(torch.tensor([0, 1, 3, 5, -1]))
+    assert tokens.shape == valid.shape == (5, 3)  # the widest node (1) has 3 children
+    listed = [tokens[r][valid[r]].tolist() for r in range(5)]
+    assert listed == [[5], [2, 7, 9], [2], [EOS], [EOS]]  # a leaf and node -1: EOS only, as with HF
+
+
 # ---------------------------------------------------------------- fast path == HF generate
 
 
@@ -151,6 +159,19 @@ def test_fast_beam_search_equals_hf_generate_on_gpu(schedule):
     ids, mask, seg = (t.cuda() for t in _prompts())
     fast = constrained_beam_search(model, ids, mask, seg, gpu_trie, 6)
     _assert_same(fast, reference_beam_search(model, ids, mask, seg, gpu_trie, 6))
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_table_lookup_gives_the_edge_lookup_beams_bit_for_bit(model, trie, shared_prompt):
+    """The padded next-token table (no host sync) and the edge list (the earlier path) score the same pairs
+    by the same operations: identical beams and scores, over several batches."""
+    for seed in (0, 1, 2):
+        ids, mask, seg = _prompts(seed=seed)
+        kw = dict(shared_prompt=shared_prompt)
+        table = constrained_beam_search(model, ids, mask, seg, trie, 6, table=True, **kw)
+        edges = constrained_beam_search(model, ids, mask, seg, trie, 6, table=False, **kw)
+        assert torch.equal(table.sequences, edges.sequences) and torch.equal(table.scores, edges.scores)
+        assert table.items == edges.items and table.steps == edges.steps
 
 
 def test_duplicate_titles_return_all_their_items(model, trie):
