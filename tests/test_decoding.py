@@ -310,3 +310,24 @@ def test_a_schedule_stacking_only_some_layers_equals_hf(trie, shared_prompt):
     ids, mask, seg = _prompts()
     fast = constrained_beam_search(model, ids, mask, seg, trie, 4, shared_prompt=shared_prompt)
     _assert_same(fast, reference_beam_search(model, ids, mask, seg, trie, 4))
+
+
+def test_search_bookkeeping_step_traces_in_one_graph():
+    """Steps a-f of a decode step with the table lookup (`iamrec.decoding.steps`) read nothing from the
+    device: torch.compile traces them in one graph, no break."""
+    from iamrec.decoding import steps
+    from iamrec.decoding.scoring import normaliser
+
+    trie, (b, k, t) = _small_trie(), (2, 3, 3)
+    state = steps.BeamState.start(trie, k, t, None, None, None, torch.zeros(b * k, 1, dtype=torch.long))
+    logits = torch.randn(b * k, 10)
+
+    def step(state, logits, norm):
+        cand = steps.top_candidates(state, logits, norm, trie, 0, t, True, True)
+        steps.keep_running(state, cand)
+        steps.update_finished(state, cand, 0, 0.0, True)
+        return steps.check_early_stop(state, cand, 0, t, 0.0, True), steps.settled(state, True)
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(state, logits, normaliser(logits))
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
