@@ -331,3 +331,21 @@ def test_search_bookkeeping_step_traces_in_one_graph():
     torch._dynamo.reset()
     explained = torch._dynamo.explain(step)(state, logits, normaliser(logits))
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+
+
+def test_model_decode_step_traces_in_one_graph(trie):
+    """g. One decode step of the model (cache reorder, item-aware attention over the shared prompt, LM
+    head) traces in one graph too."""
+    from iamrec.decoding import steps
+    from iamrec.decoding.beam import _ModelRunner
+
+    torch.manual_seed(0)
+    model = apply_item_attention(load_backbone("tiny").eval(), "iam")
+    ids, mask, seg = _prompts()
+    runner, t = _ModelRunner(model, 3, True, True, None), trie.max_depth
+    with torch.no_grad():
+        state, logits, norm = runner.prefill(ids, mask, seg, trie, t)
+        steps.keep_running(state, steps.top_candidates(state, logits, norm, trie, 0, t, True, True))
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(runner.step)(state, None, 0)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
