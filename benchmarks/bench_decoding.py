@@ -11,7 +11,13 @@ catalogue answer from `iamrec.data.encode_answers` (title + EOS). Without `data/
 Both paths decode the same batches, alternating, and the script checks that they return identical beams
 (tokens, order, items; scores within 1e-3, see SCORE_ATOL; the largest gap is printed). Prints users/s for each and the ratio; `--dense` also times
 the fast path with HF's whole-vocabulary scoring (`sparse=False, head_chunk=None`) in the same run;
-`--profile` adds a cProfile summary of the fast path.
+`--profile` adds a cProfile summary of the fast path. `--compare` also times the fast path with the trie's
+edge list (``table=False``: the allowed tokens as many pairs as the beams' nodes have children, a count
+read from the device each step; the lookup before the padded next-token table) on the same batches, checks
+both give the same beams bit for bit and prints both users/s and the ratio. (Both run the same search
+loop, one device read per step; for the loop as it was, run this script from an earlier commit.)
+
+    python benchmarks/bench_decoding.py --device cuda --users 1024 --batch 256 --compare --skip-reference
 """
 
 from __future__ import annotations
@@ -143,6 +149,11 @@ def main() -> None:
         help="also time the fast path scoring the whole vocabulary in one LM-head product (sparse=False, head_chunk=None)",
     )
     parser.add_argument("--profile", action="store_true", help="cProfile the fast path on one batch")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also time the edge-list trie lookup (table=False) on the same batches; print both and the ratio",
+    )
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument(
         "--reference-batch",
@@ -188,7 +199,8 @@ def main() -> None:
         constrained_beam_search(model, *batches[0], trie, args.beams)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    fast_s = ref_s = per_beam_s = dense_s = 0.0
+    fast_s = ref_s = per_beam_s = dense_s = edges_s = 0.0
+    edges_same = True
     identical, steps, hits, filler, gap, compared, fast_times = True, [], 0, 0, 0.0, 0, []
     for i, (ids, mask, seg) in enumerate(batches):
         t = time.perf_counter()
@@ -202,6 +214,15 @@ def main() -> None:
         targets = [target for _, target in samples[i * args.batch : (i + 1) * args.batch]]
         hits += sum(target in sum(items, []) for target, items in zip(targets, fast.items))
         line = f"batch {i}: fast {time.perf_counter() - t:6.1f}s ({fast.steps} steps)"
+        if args.compare:
+            t = time.perf_counter()
+            edges = constrained_beam_search(model, ids, mask, seg, trie, args.beams, table=False)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            edges_s += time.perf_counter() - t
+            same = torch.equal(edges.sequences, fast.sequences) and torch.equal(edges.scores, fast.scores)
+            edges_same &= same and edges.items == fast.items
+            line += f" | edge lookup {time.perf_counter() - t:6.1f}s, bit-identical: {same}"
         if args.per_beam:
             t = time.perf_counter()
             per_beam = constrained_beam_search(model, ids, mask, seg, trie, args.beams, shared_prompt=False)
@@ -237,6 +258,11 @@ def main() -> None:
 
     n = len(prompts)
     print(f"fast path:  {n / fast_s:.3f} users/s  ({fast_s:.1f}s for {n} users, steps per batch {steps})")
+    if args.compare:
+        print(
+            f"compare: edge lookup (table=False) {n / edges_s:.3f} users/s, table (new) {n / fast_s:.3f} users/s, "
+            f"new/edges {edges_s / fast_s:.2f}x, bit-identical beams on every batch: {edges_same}"
+        )
     if args.per_beam:
         print(
             f"per-beam:   {n / per_beam_s:.3f} users/s  ({per_beam_s:.1f}s)  [prompt cache copied to every beam]"

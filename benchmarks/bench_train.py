@@ -12,6 +12,14 @@ measured 2x `iam`); the figure per schedule is the median step, with the medians
 their batch first and of the others beside it.
 Prints samples/s, (non-pad) tokens/s and each schedule's step time over `causal`'s. Full fine-tuning by
 default (`--lora R` for LoRA adapters of rank R).
+
+`--compare` runs each schedule twice per batch: ``today`` — the step as it was before the sync-free loss
+(the LM head on ``hidden[where]``, boolean-mask indexing, batches padded to the longest, the loss read
+with ``.item()`` every step as the progress bar did) — and ``new`` — `IAMRecModule.target_loss` on
+batches padded to ``--pad-to`` (the collator's target positions, no host read; ``--compile``:
+``model.compile``) — and prints new/today samples/s:
+
+    python benchmarks/bench_train.py --compare --batch 64 256 --steps 20 --pad-to 64 --compile  # GPU
 """
 
 from __future__ import annotations
@@ -22,14 +30,15 @@ import itertools
 import time
 
 import torch
+import torch.nn.functional as F
 
 from iamrec.attention import ItemAttentionConfig, apply_item_attention
-from iamrec.data import IAMDataModule
+from iamrec.data import IGNORE_INDEX, IAMDataModule
 from iamrec.lit_module import IAMRecModule
 from iamrec.model import LoraConfig
 
 
-def batches(args, batch_size: int) -> list[dict[str, torch.Tensor]]:
+def batches(args, batch_size: int, pad_to: int | None = None) -> list[dict[str, torch.Tensor]]:
     dm = IAMDataModule(
         args.data,
         args.model,
@@ -38,9 +47,10 @@ def batches(args, batch_size: int) -> list[dict[str, torch.Tensor]]:
         bucket_by_length=True,
         max_train_samples=batch_size * (args.steps + args.warmup),
         num_workers=0,
+        pad_to_multiple_of=pad_to,
     )
     dm.setup("fit")
-    keys = ("input_ids", "attention_mask", "segment_ids", "labels")
+    keys = ("input_ids", "attention_mask", "segment_ids", "labels", "target_positions", "target_labels")
     return [
         {k: b[k].to(args.device, non_blocking=True) for k in keys}
         for b in itertools.islice(dm.train_dataloader(), args.steps + args.warmup)
@@ -60,21 +70,23 @@ def main() -> None:
     p.add_argument("--precision", default="bf16-mixed" if torch.cuda.is_available() else "32-true",
                    choices=["32-true", "bf16-mixed"])  # fmt: skip
     p.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder stack")
+    p.add_argument("--compile", action="store_true", help="model.compile: torch.compile the loss (new path)")
+    p.add_argument("--compare", action="store_true", help="today's step and the new one on the same batches")
+    p.add_argument("--pad-to", type=int, default=None, help="data.pad_to_multiple_of of the new path")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     module = IAMRecModule(
-        args.model, ItemAttentionConfig("causal"), LoraConfig(r=args.lora) if args.lora else None
+        args.model,
+        ItemAttentionConfig("causal"),
+        LoraConfig(r=args.lora) if args.lora else None,
+        compile=args.compile,
     )
     module.configure_model()
     module.to(args.device)
     module.train()
-    hf = module.hf_model
-    if args.compile:
-        hf.model.compile()
     params = [q for q in module.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=args.device.startswith("cuda"))
     autocast = (
@@ -87,28 +99,37 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    # (label, schedule, path): each runs every batch
+    if args.compare:
+        variants = [(f"{s} {path}", s, path) for s in args.schedules for path in ("today", "new")]
+    else:
+        variants = [(s, s, "new") for s in args.schedules]
+    labels = [v[0] for v in variants]
     for batch_size in args.batch:
-        data = batches(args, batch_size)
-        times: dict[str, list[float]] = {s: [] for s in args.schedules}
-        first: dict[str, list[float]] = {s: [] for s in args.schedules}  # steps that met a new batch first
+        data = batches(args, batch_size, args.pad_to)
+        old_data = batches(args, batch_size) if args.compare else data  # the same samples, padded as before
+        times: dict[str, list[float]] = {s: [] for s in labels}
+        first: dict[str, list[float]] = {s: [] for s in labels}  # steps that met a new batch first
         for i, batch in enumerate(data):
             # the order turns every batch: the first step on a new batch (a new sequence length) can cost
             # more (allocator, kernel plans), and it must not always fall on the same schedule
-            shift = i % len(args.schedules)
-            for j, schedule in enumerate(args.schedules[shift:] + args.schedules[:shift]):
+            shift = i % len(variants)
+            for j, (label, schedule, path) in enumerate(variants[shift:] + variants[:shift]):
                 apply_item_attention(module.model, config=ItemAttentionConfig(schedule))
                 sync()
                 start = time.perf_counter()
                 with autocast:
-                    loss = module.target_loss(batch)
+                    loss = module.target_loss(batch) if path == "new" else _today_loss(module, old_data[i])
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if path == "today":
+                    loss.item()  # the progress bar's read of train/loss, every step
                 sync()
                 if i >= args.warmup:
-                    times[schedule].append(time.perf_counter() - start)
+                    times[label].append(time.perf_counter() - start)
                     if j == 0:
-                        first[schedule].append(times[schedule][-1])
+                        first[label].append(times[label][-1])
 
         timed = data[args.warmup :]
         samples = sum(b["input_ids"].shape[0] for b in timed)
@@ -120,19 +141,39 @@ def main() -> None:
             f"steps={len(timed)} compile={args.compile} torch={torch.__version__} | "
             f"{tokens / samples:.0f} tokens/sample, padding {1 - tokens / padded:.1%}"
         )
-        ref = sum(times[args.schedules[0]])
+        ref = sum(times[labels[0]])
         print(
             f"{'schedule':<22}{'s/step (median)':>16}{'samples/s':>11}{'tokens/s':>11}"
-            f"{'x ' + args.schedules[0]:>12}{'first on batch':>16}{'after another':>15}"
+            f"{'x ' + labels[0]:>12}{'first on batch':>16}{'after another':>15}"
         )
-        for schedule, ts in times.items():
+        for label, ts in times.items():
             total = sum(ts)
-            later = [t for t in ts if t not in first[schedule]]
+            later = [t for t in ts if t not in first[label]]
             print(
-                f"{schedule:<22}{_median(ts):>16.4f}{samples / total:>11.1f}{tokens / total:>11.0f}"
-                f"{total / ref:>12.3f}{_median(first[schedule]):>16.4f}{_median(later):>15.4f}",
+                f"{label:<22}{_median(ts):>16.4f}{samples / total:>11.1f}{tokens / total:>11.0f}"
+                f"{total / ref:>12.3f}{_median(first[label]):>16.4f}{_median(later):>15.4f}",
                 flush=True,
             )
+        if args.compare:
+            for s in args.schedules:
+                today, new = sum(times[f"{s} today"]), sum(times[f"{s} new"])
+                print(
+                    f"compare {s}: today {samples / today:.1f} samples/s, new {samples / new:.1f} samples/s, "
+                    f"new/today {today / new:.2f}x",
+                    flush=True,
+                )
+
+
+def _today_loss(module: IAMRecModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss as `IAMRecModule.target_loss` computed it before the collator's target positions: the LM
+    head on ``hidden[:, :-1][where]`` (boolean-mask indexing: the host reads the target count)."""
+    hf = module.hf_model
+    hidden = hf.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], segment_ids=batch["segment_ids"]
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    where = labels != IGNORE_INDEX
+    return F.cross_entropy(hf.get_output_embeddings()(hidden[:, :-1][where]).float(), labels[where])
 
 
 def _median(values: list[float]) -> float:

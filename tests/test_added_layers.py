@@ -211,6 +211,8 @@ def test_trie_decoder_returns_hf_beams_with_added_sublayers(schedule):
     ref = reference_beam_search(model, ids, mask, seg, trie, 4)
     for shared in (True, False):
         fast = constrained_beam_search(model, ids, mask, seg, trie, 4, shared_prompt=shared)
+        edges = constrained_beam_search(model, ids, mask, seg, trie, 4, shared_prompt=shared, table=False)
+        assert torch.equal(fast.sequences, edges.sequences) and torch.equal(fast.scores, edges.scores)
         for i in range(3):
             assert [fast.answer(i, j) for j in range(4)] == [ref.answer(i, j) for j in range(4)]
         assert torch.equal(fast.item_ids, ref.item_ids)

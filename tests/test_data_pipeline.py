@@ -52,6 +52,7 @@ def test_train_and_eval_batches(data_dir):
     batch = next(iter(dm.train_dataloader()))
     assert sorted(batch) == sorted(
         ["input_ids", "attention_mask", "labels", "segment_ids", "target", "user_id", "sample_index"]
+        + ["target_positions", "target_labels"]
     )
     B, L = batch["input_ids"].shape
     assert B == 4 and all(batch[k].shape == (B, L) for k in ("attention_mask", "labels", "segment_ids"))
@@ -238,3 +239,28 @@ def test_missing_dir_and_files(tmp_path, data_dir):
 def test_bad_arguments_are_named(data_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
         IAMDataModule(str(data_dir), "tiny", **kwargs)
+
+
+def test_target_positions_list_each_rows_target_tokens_in_order(data_dir):
+    """The collator's (B, A) target positions: each row's positions t with a target label at t + 1, in
+    order, then filler labelled -100; A rounds up to TARGET_MULTIPLE; padding rounds L up."""
+    from iamrec.data.collate import TARGET_MULTIPLE
+
+    dm = IAMDataModule(str(data_dir), "tiny", batch_size=4, pad_to_multiple_of=32)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    labels, positions, picked = batch["labels"], batch["target_positions"], batch["target_labels"]
+    assert labels.shape[1] % 32 == 0 and positions.shape[1] % TARGET_MULTIPLE == 0
+    for row in range(labels.shape[0]):
+        expected = (labels[row, 1:] != -100).nonzero().view(-1)
+        n = expected.numel()
+        assert positions[row, :n].equal(expected)
+        assert picked[row, :n].equal(labels[row, 1:][expected]) and picked[row, n:].eq(-100).all()
+
+
+def test_loader_options_pin_and_keep_workers(data_dir):
+    dm = IAMDataModule(str(data_dir), "tiny", num_workers=2, pin_memory=True)
+    assert dm._loader_options() == {"num_workers": 2, "pin_memory": True, "persistent_workers": True}
+    dm = IAMDataModule(str(data_dir), "tiny", persistent_workers=True)  # no workers: nothing to keep
+    assert dm._loader_options()["persistent_workers"] is False
+    assert dm._loader_options()["pin_memory"] is torch.cuda.is_available()

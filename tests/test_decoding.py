@@ -119,6 +119,14 @@ def _assert_same(fast, ref):
     assert torch.equal(fast.item_ids, ref.item_ids)
 
 
+def test_next_tokens_table_lists_children_or_eos():
+    trie = _small_trie()
+    tokens, valid = trie.next_tokens(torch.tensor([0, 1, 3, 5, -1]))
+    assert tokens.shape == valid.shape == (5, 3)  # the widest node (1) has 3 children
+    listed = [tokens[r][valid[r]].tolist() for r in range(5)]
+    assert listed == [[5], [2, 7, 9], [2], [EOS], [EOS]]  # a leaf and node -1: EOS only, as with HF
+
+
 # ---------------------------------------------------------------- fast path == HF generate
 
 
@@ -151,6 +159,19 @@ def test_fast_beam_search_equals_hf_generate_on_gpu(schedule):
     ids, mask, seg = (t.cuda() for t in _prompts())
     fast = constrained_beam_search(model, ids, mask, seg, gpu_trie, 6)
     _assert_same(fast, reference_beam_search(model, ids, mask, seg, gpu_trie, 6))
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_table_lookup_gives_the_edge_lookup_beams_bit_for_bit(model, trie, shared_prompt):
+    """The padded next-token table (no host sync) and the edge list (the earlier path) score the same pairs
+    by the same operations: identical beams and scores, over several batches."""
+    for seed in (0, 1, 2):
+        ids, mask, seg = _prompts(seed=seed)
+        kw = dict(shared_prompt=shared_prompt)
+        table = constrained_beam_search(model, ids, mask, seg, trie, 6, table=True, **kw)
+        edges = constrained_beam_search(model, ids, mask, seg, trie, 6, table=False, **kw)
+        assert torch.equal(table.sequences, edges.sequences) and torch.equal(table.scores, edges.scores)
+        assert table.items == edges.items and table.steps == edges.steps
 
 
 def test_duplicate_titles_return_all_their_items(model, trie):
@@ -289,3 +310,42 @@ def test_a_schedule_stacking_only_some_layers_equals_hf(trie, shared_prompt):
     ids, mask, seg = _prompts()
     fast = constrained_beam_search(model, ids, mask, seg, trie, 4, shared_prompt=shared_prompt)
     _assert_same(fast, reference_beam_search(model, ids, mask, seg, trie, 4))
+
+
+def test_search_bookkeeping_step_traces_in_one_graph():
+    """Steps a-f of a decode step with the table lookup (`iamrec.decoding.steps`) read nothing from the
+    device: torch.compile traces them in one graph, no break."""
+    from iamrec.decoding import steps
+    from iamrec.decoding.scoring import normaliser
+
+    trie, (b, k, t) = _small_trie(), (2, 3, 3)
+    state = steps.BeamState.start(trie, k, t, None, None, None, torch.zeros(b * k, 1, dtype=torch.long))
+    logits = torch.randn(b * k, 10)
+
+    def step(state, logits, norm):
+        cand = steps.top_candidates(state, logits, norm, trie, 0, t, True, True)
+        steps.keep_running(state, cand)
+        steps.update_finished(state, cand, 0, 0.0, True)
+        return steps.check_early_stop(state, cand, 0, t, 0.0, True), steps.settled(state, True)
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(state, logits, normaliser(logits))
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+
+
+def test_model_decode_step_traces_in_one_graph(trie):
+    """g. One decode step of the model (cache reorder, item-aware attention over the shared prompt, LM
+    head) traces in one graph too."""
+    from iamrec.decoding import steps
+    from iamrec.decoding.beam import _ModelRunner
+
+    torch.manual_seed(0)
+    model = apply_item_attention(load_backbone("tiny").eval(), "iam")
+    ids, mask, seg = _prompts()
+    runner, t = _ModelRunner(model, 3, True, True, None), trie.max_depth
+    with torch.no_grad():
+        state, logits, norm = runner.prefill(ids, mask, seg, trie, t)
+        steps.keep_running(state, steps.top_candidates(state, logits, norm, trie, 0, t, True, True))
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(runner.step)(state, None, 0)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]

@@ -128,3 +128,52 @@ def test_warmup_longer_than_the_run_is_one_sentence():
     module._trainer = SimpleNamespace(estimated_stepping_batches=10)
     with pytest.raises(ValueError, match="model.warmup_steps=10 leaves no decay"):
         module.configure_optimizers()
+
+
+def _boolean_index_loss(module, batch):
+    """The loss as it was computed before the collator's target positions: boolean-mask indexing."""
+    import torch.nn.functional as F
+
+    hf = module.hf_model
+    hidden = hf.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], segment_ids=batch["segment_ids"]
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    where = labels != -100
+    return F.cross_entropy(hf.get_output_embeddings()(hidden[:, :-1][where]).float(), labels[where])
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_target_loss_without_host_sync_equals_boolean_index_loss(processed_dir, padding_side):
+    dm = IAMDataModule(
+        str(processed_dir), "tiny", batch_size=8, padding_side=padding_side, pad_to_multiple_of=16
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[1] % 16 == 0
+    module = IAMRecModule(backbone="tiny", attention=ItemAttentionConfig("iam"), lora=None)
+    module.configure_model()
+    with torch.no_grad():
+        old = _boolean_index_loss(module, batch)
+        new = module.target_loss(batch)
+        # a batch without the collator's positions derives them (the same loss)
+        bare = module.target_loss({k: v for k, v in batch.items() if not k.startswith("target_")})
+    assert new.item() == pytest.approx(old.item(), abs=1e-6)
+    assert bare.item() == pytest.approx(old.item(), abs=1e-6)
+
+
+def test_compiled_loss_traces_in_one_graph(processed_dir):
+    """`model.compile` compiles `target_token_loss`: the decoder stack with segment ids (item-aware
+    attention's hooks and masks), the target-position gather and the loss trace without a graph break."""
+    from iamrec.lit_module import target_token_loss
+
+    batch = _batch(processed_dir, n=4)
+    module = IAMRecModule(backbone="tiny", attention=ItemAttentionConfig("iam"), lora=None, compile=True)
+    module.configure_model()
+    plain = IAMRecModule(backbone="tiny", attention=ItemAttentionConfig("iam"), lora=None)
+    plain.configure_model()
+    assert list(module.state_dict()) == list(plain.state_dict())  # checkpoints unchanged
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(target_token_loss)(module.hf_model, batch)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

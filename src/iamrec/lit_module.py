@@ -23,9 +23,35 @@ import torch.nn.functional as F
 
 from iamrec.attention import ItemAttentionConfig, base_model, describe, installed_state
 from iamrec.data import IGNORE_INDEX
+from iamrec.data.collate import target_positions
 from iamrec.metrics import RankingMetrics, rank_of_target
 from iamrec.model import LoraConfig, build_model
 from iamrec.run_folder import LLM_PREDICTION_COLUMNS, write_test_outputs
+
+
+def target_token_loss(hf, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed cross-entropy, count)`` of the batch's target tokens, without a host sync.
+
+    The LM head runs at the ``(B, A)`` positions of ``batch["target_positions"]`` (from the collator,
+    `iamrec.data.collate.target_positions`) only; the filler among them carry label -100 and weigh 0
+    (``ignore_index``). No boolean-mask indexing (its output size would be read from the device every step).
+    A batch without those keys gets them here (on a GPU batch that reads one size from the device).
+    `IAMRecModule.target_loss` compiles this function under ``model.compile``.
+    """
+    hidden = hf.model(  # (B, L, H); the decoder stack alone, the LM head comes below
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        segment_ids=batch["segment_ids"],
+    ).last_hidden_state
+    positions, labels = batch.get("target_positions"), batch.get("target_labels")
+    if positions is None or labels is None:
+        positions, labels = target_positions(batch["labels"])
+    picked = torch.take_along_dim(hidden, positions[..., None], dim=1)  # (B, A, H)
+    logits = hf.get_output_embeddings()(picked).float()  # (B, A, V)
+    total = F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total, (labels != IGNORE_INDEX).sum()
 
 
 def _unwrapped(name: str) -> str:
@@ -68,6 +94,10 @@ class IAMRecModule(L.LightningModule):
         num_beams: Beams in constrained decoding (must be >= the largest K).
         ks: Cut-offs for HR@K and NDCG@K.
         val_generate: Also decode on the validation set each epoch (slow; otherwise only target loss).
+        compile: Run the training and validation loss (decoder stack, LM head at the target positions,
+            cross-entropy: `target_token_loss`) through ``torch.compile`` (speed only; the first steps
+            compile, and each new padded length compiles again: pair with ``data.pad_to_multiple_of``).
+            Decoding stays eager. The weights' names and checkpoints are unchanged.
     """
 
     def __init__(
@@ -84,6 +114,7 @@ class IAMRecModule(L.LightningModule):
         num_beams: int = 20,
         ks: tuple[int, ...] = (1, 5, 10, 20),
         val_generate: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # `load_from_checkpoint` passes the saved hparams back: plain dicts (checkpoints hold no classes).
@@ -107,6 +138,7 @@ class IAMRecModule(L.LightningModule):
         self._model_settings = (backbone, attention, lora, model_dtype, gradient_checkpointing)
         self.ks = tuple(ks)
         self._trie = None
+        self._compiled: dict[str, Any] = {}  # a plain dict: a compiled function is no registered submodule
         self._predictions: list[dict[str, Any]] = []
 
     def configure_model(self) -> None:
@@ -140,29 +172,23 @@ class IAMRecModule(L.LightningModule):
         return base_model(self.model)
 
     def target_loss(self, batch: dict[str, torch.Tensor], global_mean: bool = False) -> torch.Tensor:
-        """Mean cross-entropy over the batch's target tokens.
+        """Mean cross-entropy over the batch's target tokens (`target_token_loss`; no host sync).
 
         `global_mean`: under DDP/FSDP, divide the summed loss by the mean target-token count of all
         processes' batches instead of this batch's own: DDP averages the processes' gradients, so the
         step is then exactly the step of one process on the union of the batches (processes holding
         titles of different lengths would otherwise weigh their tokens differently).
         """
-        hf = self.hf_model
-        hidden = hf.model(  # (B, L, H); the decoder stack alone, the LM head comes below
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            segment_ids=batch["segment_ids"],
-        ).last_hidden_state
-        labels = batch["labels"][:, 1:]  # position t predicts token t + 1
-        where = labels != IGNORE_INDEX  # (B, L-1)
-        logits = hf.get_output_embeddings()(hidden[:, :-1][where])  # (N, V) — only target positions
+        loss_fn = target_token_loss
+        if self.hparams.get("compile", False):  # compiled once, kept outside the module tree
+            loss_fn = self._compiled.setdefault("loss", torch.compile(target_token_loss))
+        total, count = loss_fn(self.hf_model, batch)
+        count = count.to(torch.float32)
         if not (global_mean and self._trainer is not None and self.trainer.world_size > 1):
-            return F.cross_entropy(logits.float(), labels[where])
+            return total / count
         import torch.distributed as dist
 
-        count = where.sum().to(torch.float32)
         dist.all_reduce(count)  # target tokens of all processes' batches
-        total = F.cross_entropy(logits.float(), labels[where], reduction="sum")
         return total * self.trainer.world_size / count
 
     def on_fit_start(self) -> None:
@@ -182,10 +208,15 @@ class IAMRecModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.target_loss(batch, global_mean=True)
-        # sync_dist: the mean over processes of the globally normalised losses is the loss of the union
+        # sync_dist: the mean over processes of the globally normalised losses is the loss of the union.
+        # prog_bar=False: the progress bar would read the loss from the GPU every step (a host sync that
+        # stalls the launch queue); the logger reads it every trainer.log_every_n_steps only.
         size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        self.log("train/loss", loss, prog_bar=False, batch_size=size, sync_dist=True)
+        # A number logged becomes a device tensor (a blocking copy): the learning rate only on the steps the
+        # logger writes (every trainer.log_every_n_steps).
+        if self.trainer._logger_connector.should_update_logs:
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -7,6 +7,10 @@ Batch keys (B = batch size, L = longest full sequence, P = longest prompt, both 
     attention_mask   (B, L) long   1 on tokens, 0 on padding
     labels           (B, L) long   = input_ids on the TARGET tokens (answer + EOS), -100 elsewhere;
                                    aligned with input_ids (HF causal LMs shift them internally)
+    target_positions (B, A) long   the positions t whose next token t + 1 is a target token, in order,
+                                   then other positions (A = most target tokens in a row, rounded up
+                                   to `TARGET_MULTIPLE`, at most L - 1); see `target_positions`
+    target_labels    (B, A) long   labels[t + 1] of those positions (-100 on the filler ones)
     segment_ids      (B, L) long   CONTEXT / 1..n / TARGET, PAD (-1) on padding
     target           (B,)   long   target item id
     user_id          (B,)   long
@@ -29,6 +33,7 @@ import torch
 from iamrec.segments import PAD
 
 IGNORE_INDEX = -100
+TARGET_MULTIPLE = 8  # the target-position width A rounds up to this (few distinct shapes to compile)
 
 
 def _round_up(n: int, multiple: int | None) -> int:
@@ -48,6 +53,24 @@ def pad_sequences(
         else:
             out[b, length - len(row) :] = row
     return torch.from_numpy(out)
+
+
+def target_positions(labels: torch.Tensor, multiple: int = TARGET_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positions (B, A), their labels (B, A))``: per row, the positions whose next token is a target
+    token (``labels[:, 1:] != -100``), in order, then filler positions labelled -100.
+
+    ``A`` is the most target tokens in a row, rounded up to `multiple` (at most ``L - 1``), so the loss can
+    gather the target positions with a plain index and weigh the filler by 0 through ``ignore_index``:
+    no boolean-mask indexing, whose output size the host must read from the device. The collator calls it
+    on CPU (`Collator`); the size ``A`` is read there, before the batch reaches the GPU.
+    """
+    shifted = labels[:, 1:]  # position t predicts token t + 1
+    where = shifted != IGNORE_INDEX
+    most = int(where.sum(1).max()) if where.numel() else 0
+    width = min(_round_up(max(most, 1), multiple), shifted.shape[1])
+    # a stable sort of "not a target" puts each row's target positions first, in their order
+    order = torch.sort((~where).to(torch.uint8), dim=1, stable=True)[1][:, :width]
+    return order, torch.take_along_dim(shifted, order, dim=1)
 
 
 @dataclass
@@ -87,6 +110,7 @@ class Collator:
             "user_id": torch.tensor([r["user_id"] for r in rows], dtype=torch.long),
             "sample_index": torch.tensor([r["sample_index"] for r in rows], dtype=torch.long),
         }
+        batch["target_positions"], batch["target_labels"] = target_positions(batch["labels"])
         if self.with_prompt:
             p_ids = [r["input_ids"][: r["prompt_length"]] for r in rows]
             p_len = _round_up(max(len(x) for x in p_ids), self.pad_to_multiple_of)

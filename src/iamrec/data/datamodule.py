@@ -70,10 +70,15 @@ class IAMDataModule(L.LightningDataModule):
         batch_size: Training batch size.
         eval_batch_size: Batch size for validation, test and predict.
         num_workers: DataLoader worker processes.
+        pin_memory: Collate batches into page-locked memory, so the copy to the GPU does not block the
+            host (None: on when CUDA is available; it does nothing without a GPU).
+        persistent_workers: Keep the ``num_workers`` worker processes alive between epochs and between
+            validation runs instead of starting them again each time (only with ``num_workers > 0``).
         padding_side: Where training (and validation-loss) sequences are padded; evaluation prompts are
             always left-padded.
-        pad_to_multiple_of: Round padded lengths up to a multiple of this (e.g. 128 for FlexAttention
-            on GPU); None pads to the longest in the batch.
+        pad_to_multiple_of: Round padded lengths up to a multiple of this (e.g. 64 on GPU: a few
+            static shapes for ``model.compile`` and the kernels; 128 for FlexAttention); None pads to the
+            longest in the batch.
         bucket_by_length: Group training samples of similar length into batches (less padding; still
             shuffled and seeded; works under DDP).
         max_train_samples: Train on a seeded random subset of this many training samples (None: all).
@@ -97,6 +102,8 @@ class IAMDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 8,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
         padding_side: Literal["right", "left"] = "right",
         pad_to_multiple_of: int | None = None,
         bucket_by_length: bool = False,
@@ -127,6 +134,7 @@ class IAMDataModule(L.LightningDataModule):
         self.max_items, self.max_length = max_items, max_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.padding_side, self.pad_to_multiple_of = padding_side, pad_to_multiple_of
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.bucket_by_length = bucket_by_length
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.predict_split, self.seed = predict_split, seed
@@ -221,7 +229,7 @@ class IAMDataModule(L.LightningDataModule):
             ds,
             batch_sampler=batch_sampler,
             collate_fn=self._collator(False),
-            num_workers=self.num_workers,
+            **self._loader_options(),
             generator=torch.Generator().manual_seed(self.seed),
         )
 
@@ -276,13 +284,19 @@ class IAMDataModule(L.LightningDataModule):
                 )
         return int(state["epoch"]), int(state["batches_done"])
 
+    def _loader_options(self) -> dict[str, Any]:
+        """The DataLoader settings every loader shares: workers, pinned memory, persistent workers."""
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        persistent = self.persistent_workers and self.num_workers > 0
+        return {"num_workers": self.num_workers, "pin_memory": pin, "persistent_workers": persistent}
+
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
             self._dataset(split),
             batch_size=self.eval_batch_size,
             shuffle=False,
             collate_fn=self._collator(True),
-            num_workers=self.num_workers,
+            **self._loader_options(),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -308,5 +322,5 @@ class IAMDataModule(L.LightningDataModule):
             batch_size=self.eval_batch_size,
             shuffle=False,
             collate_fn=self._collator(True),
-            num_workers=self.num_workers,
+            **self._loader_options(),
         )

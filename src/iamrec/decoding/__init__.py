@@ -1,7 +1,8 @@
 """Constrained decoding over the catalogue: a title trie and batched beam search, fast and reference.
 
 trie.py            TitleTrie: answers (title tokens + EOS) as CSR tensors; vectorised allowed tokens
-beam.py            constrained_beam_search, the fast path: HF's beam search steps on one beam state
+beam.py            constrained_beam_search, the fast path: the model side and the search loop
+steps.py           the fast path's bookkeeping: HF's beam search steps on one beam state, no host sync
 scoring.py         the fast path's step scoring: LM head, top 2K trie-allowed continuations
 shared_prompt.py   the fast path's decode cache: prompt keys/values once per prompt, answers per beam
 reference.py       reference_beam_search: HF generate + prefix_allowed_tokens_fn, the same beams

@@ -53,8 +53,10 @@ def beam_result(trie: TitleTrie, tokens: torch.Tensor, scores: torch.Tensor, ste
     flat, flat_len = tokens.reshape(b * k, t), lengths.reshape(-1)
     for j in range(t):  # walk the answers down the trie, all beams at once
         nodes = torch.where(j < flat_len, trie.advance(nodes, flat[:, j]), nodes)
-    leaf = trie.is_leaf(nodes)
-    items = [trie.items_at(int(n)) if ok else [] for n, ok in zip(nodes.tolist(), leaf.tolist())]
+    # one read of the leaves from the device, then the items of each from the trie's host-side list
+    nodes = torch.where(trie.is_leaf(nodes), nodes, -1).tolist()
+    by_node = trie.items_by_node()
+    items = [list(by_node[n]) if n >= 0 else [] for n in nodes]
     item_ids = torch.tensor([it[0] if it else -1 for it in items], dtype=torch.long).view(b, k)
     nested = [items[i * k : (i + 1) * k] for i in range(b)]
     return BeamResult(tokens, lengths, scores.float().view(b, k), item_ids, nested, steps)

@@ -4,7 +4,9 @@ Notation: ``B'`` prompts still searching, ``K`` beams, ``R = B' * K`` beam rows,
 hidden size, ``S`` allowed ``(beam row, token)`` pairs.
 
 Both scorers return HF's ``(B', 2K)`` top continuations (scores and ``parent * V + token``):
-`dense_top` HF's way over the whole vocabulary, `sparse_top` with log-probs of the allowed tokens only.
+`dense_top` HF's way over the whole vocabulary, `sparse_top` with log-probs of the allowed tokens only
+(listed by `TitleTrie.allowed_edges`: their count is read from the device), `table_top` the same from the
+trie's padded next-token table (a fixed block: no host sync).
 """
 
 from __future__ import annotations
@@ -126,3 +128,29 @@ def sparse_top(
     scores = logits.new_full((b, k * v), float("-inf"))
     scores.view(-1)[rows * v + tokens] = pair_scores  # row r = prompt r // K, beam r % K
     return torch.topk(scores, k=2 * k)
+
+
+def table_top(
+    logits: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor],
+    nodes: torch.Tensor,
+    run_scores: torch.Tensor,
+    trie: TitleTrie,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sparse_top` with the allowed tokens from the trie's padded table (`TitleTrie.next_tokens`).
+
+    The same pairs, scored by the same operations in the same order, written into the same canvas: the
+    same top ``2K``, bit for bit. The pairs come as a fixed ``(R, C)`` block (padding written to a spare
+    last canvas entry, left out of the top-k), so no step reads a pair count from the device: no host
+    sync, and the shapes a step launches depend on ``R`` alone.
+    """
+    b, k = run_scores.shape
+    v = trie.vocab_size
+    tokens, valid = trie.next_tokens(nodes)  # (R, C) each
+    row_max, log_sum = norm
+    pair_scores = (logits.gather(1, tokens) - row_max[:, None]) - log_sum[:, None] + run_scores.view(-1, 1)
+    rows = torch.arange(b * k, device=logits.device)[:, None]
+    where = torch.where(valid, rows * v + tokens, b * k * v)  # padding -> the spare entry
+    canvas = logits.new_full((b * k * v + 1,), float("-inf"))
+    canvas[where.view(-1)] = torch.where(valid, pair_scores, float("-inf")).view(-1)
+    return torch.topk(canvas[:-1].view(b, k * v), k=2 * k)

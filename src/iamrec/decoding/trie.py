@@ -26,6 +26,13 @@ token; nodes are numbered breadth-first so the edge list is grouped by parent)::
     item_ids    (I,)      [2, 0, 3, 1]
 
 `allowed_edges`, `allowed_mask` and `advance` take a whole ``(M,)`` vector of nodes and never loop in Python over beams.
+`allowed_edges` returns as many pairs as the nodes have children, a size the host reads from the device;
+`next_tokens` returns a fixed ``(M, C)`` block from the padded table below instead (no host sync)::
+
+    next_table  (N + 1, C) int32  row n + 1: node n's child tokens, then -1; a node without children (a
+                                  leaf) and row 0 (node -1) hold only EOS: the one continuation HF's
+                                  ``prefix_allowed_tokens_fn`` leaves such a beam. C = most children of a
+                                  node (the root's, ~hundreds for a real catalogue: N * C * 4 bytes)
 Node ``-1`` stands for "not on any catalogue path": it has no children and advancing from it stays -1.
 """
 
@@ -65,7 +72,20 @@ class TitleTrie:
         self.sequences = sequences  # item id -> its answer tokens (EOS included)
         parents = torch.repeat_interleave(torch.arange(self.num_nodes), child_ptr.diff())
         self.edge_key = parents * vocab_size + child_token  # (E,) sorted, see module docstring
+        self.next_table = self._next_table()  # (N + 1, C), see module docstring
+        self._items_by_node: list[list[int]] | None = None
         self._device = child_ptr.device
+
+    def _next_table(self) -> torch.Tensor:
+        counts = self.child_ptr.diff()  # (N,)
+        width = max(int(counts.max()), 1) if counts.numel() else 1
+        table = torch.full((self.num_nodes + 1, width), -1, dtype=torch.int32, device=self.child_ptr.device)
+        parents = torch.repeat_interleave(torch.arange(self.num_nodes, device=counts.device), counts)
+        rank = torch.arange(parents.numel(), device=counts.device) - self.child_ptr[parents]
+        table[parents + 1, rank] = self.child_token.to(torch.int32)
+        dead = torch.cat([torch.zeros(1, dtype=torch.long), (counts == 0).nonzero().view(-1) + 1])
+        table[dead, 0] = self.eos_token_id
+        return table
 
     # ------------------------------------------------------------------------------------ building
     @classmethod
@@ -138,7 +158,15 @@ class TitleTrie:
 
     def to(self, device: torch.device | str) -> TitleTrie:
         """Move the tensors (in place) to `device`; returns self."""
-        for name in ("child_ptr", "child_token", "child_node", "item_ptr", "item_ids", "edge_key"):
+        for name in (
+            "child_ptr",
+            "child_token",
+            "child_node",
+            "item_ptr",
+            "item_ids",
+            "edge_key",
+            "next_table",
+        ):
             setattr(self, name, getattr(self, name).to(device))
         self._device = torch.device(device)
         return self
@@ -172,6 +200,17 @@ class TitleTrie:
         rank = torch.arange(rows.numel(), device=nodes.device) - first[rows]
         return rows, self.child_token[start[rows] + rank]
 
+    def next_tokens(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens, valid)``, both ``(M, C)``: the tokens a beam at each of ``nodes`` ``(M,)`` may continue
+        with, padded to the table's width (``valid`` False on the padding, whose token reads 0).
+
+        Its trie children; a leaf or node -1 only EOS (what `scoring.continuations` gives, as a fixed block:
+        no host sync).
+        """
+        rows = self.next_table.index_select(0, nodes.reshape(-1) + 1).long()  # node -1 -> row 0
+        valid = rows >= 0
+        return rows.clamp(min=0), valid
+
     def allowed_mask(self, nodes: torch.Tensor) -> torch.Tensor:
         """``(M, V)`` bool: which tokens continue a catalogue answer from each of ``nodes`` ``(M,)``.
 
@@ -201,6 +240,13 @@ class TitleTrie:
         """Bool tensor: which nodes end an answer (hold items)."""
         safe = nodes.clamp(min=0)
         return (nodes >= 0) & (self.item_ptr[safe + 1] > self.item_ptr[safe])
+
+    def items_by_node(self) -> list[list[int]]:
+        """Per node, the item ids whose answer ends there (read from the device once, then kept)."""
+        if self._items_by_node is None:
+            ptr, ids = self.item_ptr.tolist(), self.item_ids.tolist()
+            self._items_by_node = [ids[ptr[n] : ptr[n + 1]] for n in range(self.num_nodes)]
+        return self._items_by_node
 
     def items_at(self, node: int) -> list[int]:
         """Item ids whose answer ends exactly at `node` (empty for inner nodes and -1)."""
