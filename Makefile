@@ -16,7 +16,7 @@ SEEDS ?= 0 1 2
 PROFILE ?= cpu
 DATASETS ?= ml100k
 METHODS ?=
-JOBS ?= 1
+JOBS ?=
 CONFIG ?= configs/ml100k.yaml
 # `make gpu-session`: one sitting on a GPU machine that has only the repository (python -m iamrec.session run):
 # WHEELS=folder of the asset wheels, MINUTES=budget of the whole sitting, TABLES=table2 ablation,
@@ -68,13 +68,13 @@ bench: setup ## speed benchmarks: attention step time, training throughput, cons
 	$(BIN)/python benchmarks/bench_train.py
 
 reproduce-table2: data-ml100k ## every Table 2 cell x seed (resumable) -> results/table2.* (cpu) or results/<PROFILE>/table2.* (PROFILE=cpu|gpu|tiny|full DATASETS=ml100k SEEDS="0 1 2" MINUTES=)
-	$(BIN)/python -m iamrec.reproduce table2 --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS)) $(if $(MINUTES),--minutes $(MINUTES)) --jobs $(JOBS)
+	$(BIN)/python -m iamrec.reproduce table2 --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS)) $(if $(MINUTES),--minutes $(MINUTES)) $(if $(JOBS),--jobs $(JOBS))
 
 reproduce-ablation: data-ml100k ## every layer-ordering ablation cell x seed (resumable) -> results/ablation.* (cpu) or results/<PROFILE>/ablation.*
-	$(BIN)/python -m iamrec.reproduce ablation --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS)) $(if $(MINUTES),--minutes $(MINUTES)) --jobs $(JOBS)
+	$(BIN)/python -m iamrec.reproduce ablation --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS)) $(if $(MINUTES),--minutes $(MINUTES)) $(if $(JOBS),--jobs $(JOBS))
 
 gpu-session: ## one GPU sitting: assets from WHEELS, data, gpu tests, benchmarks, TABLES within MINUTES -> one .tar.gz (<= 16 MiB)
-	$(SESSION_PY) -m iamrec.session run --profile $(SESSION_PROFILE) --tables $(TABLES) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(WHEELS),--wheel-dir $(WHEELS)) $(if $(MINUTES),--minutes $(MINUTES)) $(if $(METHODS),--methods $(METHODS)) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(RESUME),--resume $(RESUME)) --jobs $(JOBS) $(if $(SKIP),--skip $(SKIP))
+	$(SESSION_PY) -m iamrec.session run --profile $(SESSION_PROFILE) --tables $(TABLES) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(WHEELS),--wheel-dir $(WHEELS)) $(if $(MINUTES),--minutes $(MINUTES)) $(if $(METHODS),--methods $(METHODS)) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(RESUME),--resume $(RESUME)) $(if $(JOBS),--jobs $(JOBS)) $(if $(SKIP),--skip $(SKIP))
 
 merge-sessions: ## several sittings' archives into one report: make merge-sessions ARCHIVES="a.tar.gz b.tar.gz"
 	$(SESSION_PY) -m iamrec.session merge $(ARCHIVES)

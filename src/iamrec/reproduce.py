@@ -62,14 +62,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--minutes",
         type=float,
         default=None,
-        help="time budget: start no cell-seed once it is spent (nor one whose expected time does not fit); "
-        "the report lists what is left and the command that continues",
+        help="time budget: start only the cell-seeds projected to finish within it (from measured rates: "
+        "iamrec.tables.budget); the report lists what is left and the command that continues",
     )
     p.add_argument(
         "--jobs",
         type=int,
-        default=1,
-        help="cell-seeds run at once, sharing the GPU (default 1); each then logs to <seed dir>/reproduce.log",
+        default=None,
+        help="at most this many cell-seeds at once, sharing the GPU (default: 1 without --minutes; within a "
+        "budget, as many as the measured rates say); each then logs to <seed dir>/reproduce.log",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     p.add_argument(

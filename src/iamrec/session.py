@@ -69,7 +69,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--datasets", default="ml100k", help="comma-separated (default ml100k)")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--methods", default=None, help="comma-separated rows to run (default: every row)")
-    r.add_argument("--jobs", type=int, default=1, help="cell-seeds run at once on the GPU (reproduce --jobs)")
+    r.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="at most this many cell-seeds at once (default: from measured rates)",
+    )
     r.add_argument("--skip", default=None, help=f"comma-separated steps to skip, from {','.join(SKIPPABLE)}")
     r.add_argument(
         "--resume", nargs="+", default=None, help="earlier sittings' archives: merged into the runs first"

@@ -1,10 +1,10 @@
 """How fast a run goes: a Lightning callback that writes ``<run>/timing.json`` while it trains and tests.
 
-    {"fit":  {"steps": 620, "planned_steps": 1238, "seconds": 171.2, "finished": false},
+    {"fit":  {"steps": 620, "first_step": 0, "planned_steps": 1238, "seconds": 171.2, "finished": false},
      "test": {"samples": 9905, "planned_samples": 9905, "seconds": 74.9, "finished": true},
      "device": "NVIDIA H200"}
 
-``seconds`` count from the stage's first batch (start-up, model loading and data set-up excluded: whoever
+``seconds`` count from the stage's first batch (``first_step``: the step it resumed from) (start-up, model loading and data set-up excluded: whoever
 started the process knows its wall time, and the difference is the start-up). The file is rewritten at
 most every `every_s` seconds and when a stage ends (rank 0 only, atomically), so a scheduler can read the
 rate of a run that is still going (`steps / seconds`) and project when it ends. Reading it costs the run
@@ -49,6 +49,7 @@ class StageTimer(Callback):
         self._start: dict[str, float] = {}
         self._written = 0.0
         self._samples = 0
+        self._first_step = 0
 
     def _write(self, trainer, stage: str, record: dict[str, Any], force: bool = False) -> None:
         now = time.perf_counter()
@@ -68,12 +69,15 @@ class StageTimer(Callback):
     # -------------------------------------------------------------------------------------------- fit
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start.setdefault("fit", time.perf_counter())
+        if "fit" not in self._start:
+            self._start["fit"] = time.perf_counter()
+            self._first_step = int(trainer.global_step)  # > 0 when resuming
 
     def _fit_record(self, trainer, finished: bool) -> dict[str, Any]:
         planned = trainer.estimated_stepping_batches
         return {
             "steps": int(trainer.global_step),
+            "first_step": self._first_step,
             "planned_steps": int(planned) if planned != float("inf") else None,
             "seconds": self._seconds("fit"),
             "finished": finished,

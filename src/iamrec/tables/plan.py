@@ -289,8 +289,9 @@ class TableRun:
     """The settings of one `reproduce` run of a table (what `python -m iamrec.reproduce` takes).
 
     `methods` restricts what is *run* to those rows (default: all); the report covers every finished run
-    under `root`. `minutes`: a time budget (see `iamrec.tables.runner`). `jobs`: at most this many
-    cell-seeds at once (sharing the machine's GPU)."""
+    under `root`. `minutes`: a time budget (`iamrec.tables.budget`). `jobs`: at most this many
+    cell-seeds at once (sharing the machine's GPU); None: one without a budget, chosen from the measured
+    rates within one."""
 
     table: str
     datasets: tuple[str, ...]
@@ -300,7 +301,7 @@ class TableRun:
     out: Path | None = None
     methods: tuple[str, ...] | None = None
     minutes: float | None = None
-    jobs: int = 1
+    jobs: int | None = None
     dry_run: bool = False
 
     def __post_init__(self) -> None:
@@ -310,7 +311,7 @@ class TableRun:
         set_("methods", tuple(self.methods) if self.methods else None)
         set_("root", Path(self.root or default_root(self.profile, self.table)))
         set_("out", Path(self.out or default_out(self.profile, self.table)))
-        if self.jobs < 1:
+        if self.jobs is not None and self.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {self.jobs}.")
         unknown = sorted(set(self.methods or ()) - set(TABLES[self.table])) if self.table in TABLES else []
         if unknown:

@@ -25,11 +25,13 @@ import contextlib
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from iamrec import run_folder
 from iamrec.baselines.popular import evaluate_popular
+from iamrec.tables.budget import run_budgeted, timing_record
 from iamrec.tables.plan import (
     TABLES,
     Cell,
@@ -45,7 +47,7 @@ from iamrec.tables.plan import (
 )
 from iamrec.tables.report import table_report
 
-_RUNNING: set[subprocess.Popen] = set()  # stage processes alive now (killed on an interruption)
+_RUNNING: dict[subprocess.Popen, str] = {}  # stage processes alive now -> their cell-seed's name
 _RUNNING_LOCK = threading.Lock()
 
 
@@ -57,26 +59,26 @@ class CellFailed(RuntimeError):
         self.report = report
 
 
-def _call(argv: list[str], log: Path | None = None) -> None:
+def _call(argv: list[str], log: Path | None = None, tag: str = "") -> None:
     """Run one stage; its output goes to the console, or appended to `log` (parallel cell-seeds)."""
     with open(log, "ab") if log is not None else contextlib.nullcontext() as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if out is not None else None)
         with _RUNNING_LOCK:
-            _RUNNING.add(proc)
+            _RUNNING[proc] = tag
         try:
             code = proc.wait()
         finally:
             with _RUNNING_LOCK:
-                _RUNNING.discard(proc)
+                _RUNNING.pop(proc, None)
     if code != 0:
         raise subprocess.CalledProcessError(code, list(argv))
 
 
-def stop_running(grace: float = 30.0) -> None:
-    """SIGTERM every stage process still alive (Lightning saves nothing half: checkpoints are atomic),
-    then SIGKILL the ones still alive after `grace` seconds."""
+def stop_running(grace: float = 30.0, tag: str | None = None) -> None:
+    """SIGTERM every stage process still alive (of the cell-seed `tag`, or all; Lightning saves nothing
+    half: checkpoints are atomic), then SIGKILL the ones still alive after `grace` seconds."""
     with _RUNNING_LOCK:
-        procs = list(_RUNNING)
+        procs = [p for p, t in _RUNNING.items() if tag is None or t == tag]
     for proc in procs:
         with contextlib.suppress(OSError):
             proc.terminate()
@@ -88,10 +90,18 @@ def stop_running(grace: float = 30.0) -> None:
             proc.kill()
 
 
-def run_seed(cell: Cell, seed: int, root: Path, profile: Profile, log: Path | None = None) -> None:
+def run_seed(
+    cell: Cell,
+    seed: int,
+    root: Path,
+    profile: Profile,
+    log: Path | None = None,
+    side_by_side: Callable[[], int] | None = None,
+) -> None:
     """Run (or resume) one cell x seed and flatten its outputs into the seed folder, then mark DONE.
 
-    `log`: where the stages' output goes (appended), instead of the console."""
+    `log`: where the stages' output goes (appended), instead of the console. `side_by_side`: how many LLM
+    cell-seeds shared the GPU with it at most (recorded with its rates in the DONE record's ``timing``)."""
     run_dir = cell.run_dir(root, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     start, done_cmds = time.time(), []
@@ -106,12 +116,16 @@ def run_seed(cell: Cell, seed: int, root: Path, profile: Profile, log: Path | No
             # built per stage: the test stage names the checkpoint the fit stage just wrote (SASRec's best)
             argv = stage_commands(cell, seed, root, profile)[i][1]
             print(f"[reproduce] {cell.name} seed{seed} {stage}: {display(argv)}", flush=True)
-            _call(argv, log)
+            _call(argv, log, f"{cell.name} seed{seed}")
             if stage == "fit":
                 run_folder.mark_fit_done(run_dir)
             done_cmds.append(display(argv))
         run_folder.copy_test_outputs(run_folder.latest_test_outputs(run_dir), run_dir)
-    record = {"profile": profile.name, "commands": done_cmds, "seconds": round(time.time() - start, 1)}
+    seconds = time.time() - start
+    record = {"profile": profile.name, "commands": done_cmds, "seconds": round(seconds, 1)}
+    if cell.kind == "llm":
+        timing = timing_record(run_dir, seconds, side_by_side() if side_by_side else 1)
+        record.update({"timing": timing} if timing else {})
     run_folder.mark_done(run_dir, record)
 
 
@@ -179,6 +193,7 @@ class TableRunner:
         self.failed: list[str] = []
         self.running: dict[Future, tuple[str, Path]] = {}  # jobs > 1: started, not collected (name, log)
         self.pool: ThreadPoolExecutor | None = None
+        self.baseline_prior: dict[str, float] = {}  # method -> seconds (results/<profile>/rates.json)
 
     def say(self, line: str) -> None:
         self.lines.append(line)
@@ -229,20 +244,37 @@ class TableRunner:
             return True
         return False
 
-    def over_budget(self, cell: Cell) -> str | None:
-        """Why the cell-seed must not start within the budget, or None."""
-        if self.run.dry_run or self.deadline is None:
-            return None
-        now = time.time()
-        if now >= self.deadline:
-            return "the time budget is spent"
-        expected = expected_seconds(cell, self.run.root)
-        if expected is not None and now + expected > self.deadline:
-            return (
-                f"expected {expected / 60:.1f} min from its finished seeds, "
-                f"{(self.deadline - now) / 60:.1f} min left"
+    def expected_seconds(self, cell: Cell) -> float | None:
+        return expected_seconds(cell, self.run.root)
+
+    def submit(self, cell: Cell, seed: int, side_by_side: Callable[[], int]) -> Future:
+        """Start a cell-seed in the pool (budgeted runs); its output goes to ``<seed dir>/reproduce.log``."""
+        log = cell.run_dir(self.run.root, seed) / "reproduce.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        block = self.plan_block(cell, seed) + [f"    (output: {log})"]
+        self.lines.extend(block)
+        print("\n".join(block), flush=True)
+        return self.pool.submit(run_seed, cell, seed, self.run.root, self.run.prof, log, side_by_side)
+
+    def stop(self, name: str) -> None:
+        """Stop the stages of one running cell-seed (a probe that cannot finish)."""
+        stop_running(grace=30.0, tag=name)
+
+    def collected(self, name: str, future: Future, quiet: bool = False) -> None:
+        """Record how a cell-seed of the pool ended (`quiet`: stopped on purpose, said already)."""
+        err = future.exception()
+        log = f"{name.split(' seed')[0]}"
+        if err is None:
+            self.say(f"{name}: finished")
+        elif quiet:
+            return
+        elif isinstance(err, (subprocess.CalledProcessError, FileNotFoundError)):
+            self.failed.append(f"{name} ({_failure(err)})")
+            self.say(
+                f"{name}: FAILED ({_failure(err)}; its output: {log}/reproduce.log); going on with the others"
             )
-        return None
+        else:
+            raise err
 
     def plan_block(self, cell: Cell, seed: int) -> list[str]:
         """The lines that say what a cell-seed will run."""
@@ -302,13 +334,8 @@ class TableRunner:
             for cell in self.present:
                 if self.settled(cell, seed):
                     continue
-                while self.pool is not None and len(self.running) >= self.run.jobs:
-                    self.collect(block=True)  # a slot first, then the budget is checked at the real start
-                why = self.over_budget(cell)
-                if why is not None:
-                    self.left.append(f"{cell.name} seed{seed} ({why})")
-                    self.say(f"{cell.name} seed{seed}: left for another sitting ({why})")
-                    continue
+                while self.pool is not None and len(self.running) >= (self.run.jobs or 1):
+                    self.collect(block=True)  # a free slot first
                 block = self.plan_block(cell, seed)
                 self.lines.extend(block)
                 if not self.run.dry_run:
@@ -337,10 +364,11 @@ class TableRunner:
     def __call__(self) -> str:
         """Returns the plan (dry run) or the report's markdown; `CellFailed` when some cell-seeds failed."""
         self.check_inputs()
-        if self.run.jobs > 1 and not self.run.dry_run:
+        budgeted = self.run.minutes is not None
+        if (self.run.jobs or 1) > 1 and not self.run.dry_run and not budgeted:
             self.pool = ThreadPoolExecutor(max_workers=self.run.jobs)
         try:
-            self.run_all()
+            run_budgeted(self) if budgeted else self.run_all()
         except BaseException:
             self.interrupted()
             raise

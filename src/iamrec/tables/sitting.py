@@ -209,7 +209,7 @@ class Sitting:
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] | None = None
     minutes: float | None = None
-    jobs: int = 1
+    jobs: int | None = None
     skip: frozenset[str] = field(default_factory=frozenset)
     wheel_dir: str | None = None
     resume: tuple[str, ...] = ()
@@ -342,7 +342,7 @@ def table_steps(session: Session, sitting: Sitting, no_cuda: str | None) -> None
             continue
         argv = [sys.executable, "-m", "iamrec.reproduce", table, "--profile", sitting.profile]
         argv += ["--datasets", ",".join(sitting.datasets), "--seeds", *map(str, sitting.seeds)]
-        argv += ["--jobs", str(sitting.jobs)] + (
+        argv += (["--jobs", str(sitting.jobs)] if sitting.jobs else []) + (
             ["--methods", ",".join(sitting.methods)] if sitting.methods else []
         )
         left = session.left()
