@@ -34,20 +34,32 @@ expected error as above (nothing written).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentError
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from iamrec import run_folder
+from iamrec.attention import ItemAttentionConfig
+from iamrec.baselines.popular import evaluate_popular
+from iamrec.data import IAMDataModule
 from iamrec.errors import guarded, one_line
+from iamrec.lit_module import IAMRecModule
+from iamrec.model.export import export_model
+from iamrec.model.loading import load_tokenizer
 from iamrec.predict import RecommendationWriter
+from iamrec.recommend import load_trained
 from iamrec.run_folder import CheckpointError
+from iamrec.strategy import fsdp_strategy
 
 # Knobs that change only how a trained model is evaluated: with `--ckpt_path FILE` the command line (or
 # config) wins over the checkpoint's saved hyper-parameters, which Lightning otherwise applies on top.
@@ -84,8 +96,6 @@ class RunFolderCLI(LightningCLI):
         sub = self.config.get("subcommand")
         if not sub:
             return
-        from lightning.pytorch import LightningDataModule, LightningModule
-
         if (
             sub == "predict"
             and getattr(self._model_class, "predict_step", None) is LightningModule.predict_step
@@ -129,8 +139,6 @@ class RunFolderCLI(LightningCLI):
     def _apply_checkpoint_hparams(self, sub: str, path: str, ckpt: dict[str, Any]) -> None:
         """Lightning's rule (the checkpoint's hyper-parameters over the config), except the evaluation
         knobs; say what the checkpoint overrode."""
-        from jsonargparse import ArgumentError
-
         hparams = dict(ckpt.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if not hparams:
@@ -163,8 +171,6 @@ class IAMRecCLI(RunFolderCLI):
     def instantiate_trainer(self, **kwargs: Any):
         """``trainer.strategy: fsdp`` becomes FSDP with one unit per decoder layer (`iamrec.strategy`)."""
         if self._get(self.config_init, "trainer", default={}).get("strategy") == "fsdp":
-            from iamrec.strategy import fsdp_strategy
-
             kwargs.setdefault("strategy", fsdp_strategy(self.model.hparams.backbone))
         return super().instantiate_trainer(**kwargs)
 
@@ -196,9 +202,6 @@ class IAMRecCLI(RunFolderCLI):
 
     def after_test(self) -> None:
         """Print the most-popular baseline on the same test samples beside the model."""
-        from iamrec.baselines.popular import evaluate_popular
-        from iamrec.data import IAMDataModule
-
         dm = self.datamodule
         if not self.trainer.is_global_zero or not isinstance(dm, IAMDataModule):
             return
@@ -286,8 +289,6 @@ def run_cli(
 def export(args: list[str]) -> None:
     """`iamrec export --ckpt_path FILE --out DIR`: the checkpoint's model as a merged Hugging Face folder
     (`iamrec.model.export`), loaded back by `iamrec.model.load_exported` / `Recommender.from_exported`."""
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="iamrec export",
         description="Write a trained model as a Hugging Face folder: LoRA merged, tokenizer, item_attention.json.",
@@ -303,13 +304,6 @@ def export(args: list[str]) -> None:
     ns = parser.parse_args(args)
 
     def run() -> Path:
-        from dataclasses import asdict
-
-        from iamrec.attention import ItemAttentionConfig
-        from iamrec.model.export import export_model
-        from iamrec.model.loading import load_tokenizer
-        from iamrec.recommend import load_trained
-
         module, data = load_trained(ns.ckpt_path, seed=ns.seed)
         hp = module.hparams
         attention = dict(hp.attention)
@@ -336,9 +330,6 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["export"]:
         export(argv[1:])
         return
-    from iamrec.data import IAMDataModule
-    from iamrec.lit_module import IAMRecModule
-
     run_cli(IAMRecCLI, IAMRecModule, IAMDataModule, args)
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from iamrec.attention import ItemAttentionConfig, base_model, describe, installed_state
 from iamrec.data import IGNORE_INDEX
+from iamrec.decoding import TitleTrie, constrained_beam_search, search, top_recommendations
 from iamrec.metrics import RankingMetrics, rank_of_target
 from iamrec.model import LoraConfig, build_model
 from iamrec.run_folder import LLM_PREDICTION_COLUMNS, write_test_outputs
@@ -211,16 +212,12 @@ class IAMRecModule(L.LightningModule):
     # ------------------------------------------------------------------ constrained decoding
     def _trie_for(self, datamodule):
         if self._trie is None:
-            from iamrec.decoding import TitleTrie
-
             self._trie = TitleTrie.from_sequences(
                 datamodule.answer_token_ids, self.hf_model.config.vocab_size
             )
         return self._trie
 
     def _rank(self, batch: dict[str, torch.Tensor]):
-        from iamrec.decoding import constrained_beam_search
-
         trie = self._trie_for(self.trainer.datamodule)
         result = constrained_beam_search(
             self.model,
@@ -347,8 +344,6 @@ class IAMRecModule(L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         """Each prompt's distinct catalogue answers, best first (`iamrec.recommend`); the CLI's
         `iamrec.predict.RecommendationWriter` keeps the top K and writes recommendations.jsonl."""
-        from iamrec.recommend import search, top_recommendations
-
         dm = self.trainer.datamodule
         result = search(self.model, batch, self._trie_for(dm), self.hparams.num_beams)
         return {

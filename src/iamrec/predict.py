@@ -1,6 +1,6 @@
 """`iamrec predict`: the callback that writes ``recommendations.jsonl`` into the run's log folder.
 
-`IAMRecModule.predict_step` decodes each prompt (`iamrec.recommend.search`) and returns its distinct
+`IAMRecModule.predict_step` decodes each prompt (`iamrec.decoding.search`) and returns its distinct
 catalogue answers (`Recommendation.as_dict`); `RecommendationWriter` (the CLI's ``recommend`` group: ``--recommend.top_k``) gathers
 them from every process and writes one JSON object per line, in input order:
 
