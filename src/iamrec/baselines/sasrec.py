@@ -44,7 +44,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from iamrec.cli import RunFolderCLI, run_cli
+from iamrec.cli_base import RunFolderCLI, run_cli
 from iamrec.data.dataset import eval_subset_rows, load_items, load_samples
 from iamrec.metrics import DEFAULT_KS, RankingMetrics
 from iamrec.run_folder import PREDICTION_COLUMNS, add_run_checkpoint, write_test_outputs
@@ -470,7 +470,7 @@ class SASRec(L.LightningModule):
 
 class SASRecCLI(RunFolderCLI):
     """``python -m iamrec.baselines.sasrec``: SASRec + SASRecDataModule, with iamrec's run-folder layout and
-    checkpoint rules (``--ckpt_path last``, checked checkpoints; see `iamrec.cli`)."""
+    checkpoint rules (``--ckpt_path last``, checked checkpoints; see `iamrec.cli_base`)."""
 
     program = "iamrec.baselines.sasrec"
 
@@ -504,7 +504,7 @@ class SASRecCLI(RunFolderCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Expected failures: one sentence and exit status 2; anything else keeps its traceback (`iamrec.cli`)."""
+    """Expected failures: one sentence and exit status 2; anything else keeps its traceback (`iamrec.errors`)."""
     run_cli(SASRecCLI, SASRec, SASRecDataModule, args)
 
 
