@@ -52,7 +52,7 @@ from iamrec.lit_module import IAMRecModule
 from iamrec.model.export import export_model
 from iamrec.model.loading import load_tokenizer
 from iamrec.predict import RecommendationWriter
-from iamrec.recommend import load_trained
+from iamrec.recommend import load_trained, recorded_data
 from iamrec.strategy import fsdp_strategy
 
 # The LightningCLI base and the checks before parsing live in `iamrec.cli_base` (the SASRec baseline
@@ -149,12 +149,11 @@ def export(args: list[str]) -> None:
         attention = dict(hp.attention)
         if isinstance(attention.get("hatllm_bands"), list):
             attention["hatllm_bands"] = tuple(attention["hatllm_bands"])
-        keep = ("data_dir", "tokenizer", "template", "max_items", "max_length", "eval_batch_size")
         settings = {
             "backbone": hp.backbone,
             "num_beams": hp.num_beams,
             "lora": hp.lora,
-            "data": {k: data[k] for k in keep if k in data},
+            "data": recorded_data(data),
         }
         tokenizer = load_tokenizer(data.get("tokenizer") or hp.backbone)
         config = ItemAttentionConfig(**attention)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from iamrec.attention import ItemAttentionConfig, base_model, describe, installed_state
 from iamrec.data import IGNORE_INDEX
 from iamrec.decoding import TitleTrie, constrained_beam_search, search, top_recommendations
-from iamrec.metrics import RankingMetrics, rank_of_target
+from iamrec.metrics import RankingMetrics, gather_samples, rank_of_target
 from iamrec.model import LoraConfig, build_model
 from iamrec.run_folder import LLM_PREDICTION_COLUMNS, write_test_outputs
 
@@ -276,14 +276,7 @@ class IAMRecModule(L.LightningModule):
 
     def _gather(self, rows: list[dict], columns: list[str]) -> pd.DataFrame:
         """This process's rows plus every other process's, each ``sample_index`` once, in sample order."""
-        if self.trainer.world_size > 1:
-            import torch.distributed as dist
-
-            gathered: list[list[dict]] = [None] * self.trainer.world_size  # type: ignore[list-item]
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        frame = pd.DataFrame(rows, columns=columns)
-        return frame.drop_duplicates("sample_index").sort_values("sample_index").reset_index(drop=True)
+        return gather_samples(rows, columns)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

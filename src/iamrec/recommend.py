@@ -24,7 +24,7 @@ item (the end of `make demo`).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +44,26 @@ from iamrec.run_folder import CheckpointError, last_checkpoint, load_checkpoint_
 
 __all__ = [
     "DATA_DEFAULTS",
+    "RECORDED_DATA_KEYS",
     "Recommendation",
     "Recommender",
     "load_trained",
+    "recorded_data",
     "search",
     "show_test_user",
     "top_recommendations",
 ]
 
+# The data module's settings a trained model is used with: read from a checkpoint's recorded data
+# hyper-parameters, and what `iamrec export` copies into the exported folder's settings (`recorded_data`).
+RECORDED_DATA_KEYS = ("data_dir", "tokenizer", "template", "max_items", "max_length", "eval_batch_size")
 # The data module's defaults, for checkpoints saved before it recorded its settings.
 DATA_DEFAULTS: dict[str, Any] = {"max_items": 10, "max_length": 512, "template": None}
+
+
+def recorded_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The `RECORDED_DATA_KEYS` that `data` (a data module's recorded hyper-parameters) holds."""
+    return {k: data[k] for k in RECORDED_DATA_KEYS if k in data}
 
 
 def load_trained(path: str | Path, num_beams: int | None = None, seed: int = 0):

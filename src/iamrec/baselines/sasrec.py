@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from iamrec.cli_base import RunFolderCLI, run_cli
 from iamrec.data.dataset import eval_subset_rows, load_items, load_samples
-from iamrec.metrics import DEFAULT_KS, RankingMetrics
+from iamrec.metrics import DEFAULT_KS, RankingMetrics, gather_samples
 from iamrec.run_folder import PREDICTION_COLUMNS, add_run_checkpoint, write_test_outputs
 
 # --------------------------------------------------------------------------------------------- data
@@ -483,21 +483,16 @@ class SASRecCLI(RunFolderCLI):
     def after_test(self) -> None:
         """Write ``test_metrics.json`` and ``predictions.parquet`` (all processes' rows) to the log dir."""
         model: SASRec = self.model
-        parts = model.test_predictions
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, parts)
-            parts = [p for rank_parts in gathered for p in rank_parts]
+        # one row per sample of this process (top_items: its list of K items), then every process's
+        rows = [
+            dict(zip(PREDICTION_COLUMNS, values))
+            for part in model.test_predictions
+            for values in zip(*(part[k].tolist() for k in PREDICTION_COLUMNS))
+        ]
+        frame = gather_samples(rows, PREDICTION_COLUMNS)
         log_dir = Path(self.trainer.log_dir or ".")
         if not self.trainer.is_global_zero:
             return
-        columns = {k: torch.cat([p[k] for p in parts]) for k in PREDICTION_COLUMNS} if parts else {}
-        # top_items is (N, K): one list per row; the other columns are (N,)
-        frame = pd.DataFrame(
-            {k: v.tolist() if v.dim() > 1 else v.numpy() for k, v in columns.items()},
-            columns=list(PREDICTION_COLUMNS),
-        )
-        frame = frame.sort_values("sample_index").reset_index(drop=True)
         metrics = {k: float(v) if k != "users" else int(v) for k, v in model.test_results.items()}
         metrics["invalid_rate"] = 0.0  # a ranking over the catalogue never names a non-item
         write_test_outputs(log_dir, metrics, frame, method="sasrec")
