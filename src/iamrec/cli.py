@@ -5,7 +5,7 @@ The backbone is named once (`model.backbone`) and linked to the tokenizer of the
 
 Checkpoints: `fit` writes ``<trainer.default_root_dir>/checkpoints/last.ckpt`` every
 ``checkpoint.every_n_train_steps`` optimizer steps (default `CHECKPOINT_EVERY`; 0: only at the end) and
-when training ends, atomically (`iamrec.run_folder.RunCheckpoint`), and ``best.ckpt`` beside it after each
+when training ends, atomically (`iamrec.run_checkpoints.RunCheckpoint`), and ``best.ckpt`` beside it after each
 validation that lowers ``val/loss`` (``best_checkpoint.*``; ``--ckpt_path best`` names it). ``--ckpt_path last`` resumes it
 exactly: the same remaining batches (`IAMDataModule.state_dict`) and dropout masks
 (`IAMRecModule.on_train_batch_start`) as an uninterrupted run. Without a checkpoint ``--ckpt_path last``
@@ -53,6 +53,7 @@ from iamrec.model.export import export_model
 from iamrec.model.loading import load_tokenizer
 from iamrec.predict import RecommendationWriter
 from iamrec.recommend import load_trained, recorded_data
+from iamrec.run_checkpoints import add_best_checkpoint, add_run_checkpoint
 from iamrec.strategy import fsdp_strategy
 
 # The LightningCLI base and the checks before parsing live in `iamrec.cli_base` (the SASRec baseline
@@ -92,11 +93,11 @@ class IAMRecCLI(RunFolderCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.backbone", "data.tokenizer")
         # <root>/checkpoints/last.ckpt every checkpoint.every_n_train_steps and at the end: `--ckpt_path last`
-        run_folder.add_run_checkpoint(parser, save_top_k=0, every_n_train_steps=CHECKPOINT_EVERY)
+        add_run_checkpoint(parser, save_top_k=0, every_n_train_steps=CHECKPOINT_EVERY)
         # `predict` writes recommendations.jsonl: --recommend.top_k (idle in the other subcommands)
         parser.add_lightning_class_args(RecommendationWriter, "recommend")
         # <root>/checkpoints/best.ckpt: the weights at the lowest val/loss so far (`--ckpt_path best`)
-        run_folder.add_best_checkpoint(parser, monitor="val/loss", mode="min")
+        add_best_checkpoint(parser, monitor="val/loss", mode="min")
 
     def after_predict(self) -> None:
         """Report the histories-file lines that got no recommendations; exit status 1 if any."""

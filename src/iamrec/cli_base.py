@@ -4,9 +4,9 @@ of ``--config`` files and of ``--optimizer`` / ``--lr_scheduler`` made before js
 `run_cli`, which runs a command under the error policy of `iamrec.errors`.
 
 Checkpoint rules (`RunFolderCLI`): ``--ckpt_path last`` is ``<checkpoint.dirpath>/last.ckpt``
-(`iamrec.run_folder.resolve_ckpt_path`): without one, `fit` starts from step 0 (a notice says so) and
+(`iamrec.run_checkpoints.resolve_ckpt_path`): without one, `fit` starts from step 0 (a notice says so) and
 `test` / `validate` stop (exit 2, nothing written); a checkpoint is checked before anything is built
-(`iamrec.run_folder.load_checkpoint_header`), and its hyper-parameters override the config except the
+(`iamrec.run_checkpoints.load_checkpoint_header`), and its hyper-parameters override the config except the
 subclass's `evaluation_knobs`; `predict` is refused when the model has no `predict_step`.
 """
 
@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from iamrec import run_folder
 from iamrec.errors import guarded, one_line
+from iamrec.run_checkpoints import load_checkpoint_header, resolve_ckpt_path
 from iamrec.run_folder import CheckpointError
 
 _RESUME_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
@@ -68,7 +69,7 @@ class RunFolderCLI(LightningCLI):
         config = self.config[sub]
         dirpath = config.get("checkpoint.dirpath")
         given = config.get("ckpt_path")
-        path = run_folder.resolve_ckpt_path(sub, given, dirpath)
+        path = resolve_ckpt_path(sub, given, dirpath)
         config["ckpt_path"] = path
         last = Path(dirpath or run_folder.CHECKPOINTS) / run_folder.LAST_CHECKPOINT
         if sub == "fit" and path is None:
@@ -81,7 +82,7 @@ class RunFolderCLI(LightningCLI):
                 )
         if path is None or path in ("best", "hpc") or not Path(path).is_file():
             return  # nothing, a special value Lightning resolves, or a (sharded) checkpoint folder
-        ckpt = run_folder.load_checkpoint_header(path, resume=sub == "fit")
+        ckpt = load_checkpoint_header(path, resume=sub == "fit")
         self._apply_checkpoint_hparams(sub, path, ckpt)
         if sub == "fit":
             self.notice(f"resuming {path} at step {ckpt.get('global_step', '?')}.")

@@ -40,7 +40,8 @@ from iamrec.errors import guarded
 from iamrec.lit_module import IAMRecModule
 from iamrec.model.export import load_exported
 from iamrec.model.loading import load_tokenizer
-from iamrec.run_folder import CheckpointError, last_checkpoint, load_checkpoint_header
+from iamrec.run_checkpoints import load_checkpoint_header
+from iamrec.run_folder import CheckpointError, last_checkpoint
 
 __all__ = [
     "DATA_DEFAULTS",

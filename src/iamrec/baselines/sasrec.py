@@ -16,7 +16,8 @@ from iamrec.baselines.sasrec_data import PaddedSamples, SASRecDataModule, left_p
 from iamrec.baselines.sasrec_model import CausalSelfAttention, SASRec, SASRecBlock
 from iamrec.cli_base import RunFolderCLI, run_cli
 from iamrec.metrics import gather_samples
-from iamrec.run_folder import PREDICTION_COLUMNS, add_run_checkpoint, write_test_outputs
+from iamrec.run_checkpoints import add_run_checkpoint
+from iamrec.run_folder import PREDICTION_COLUMNS, write_test_outputs
 
 __all__ = [
     "CausalSelfAttention",
