@@ -256,7 +256,7 @@ def test_fsdp_full_finetuning_on_gpu(processed_dir, tmp_path):
 
 
 def test_ckpt_path_best_names_best_ckpt(tmp_path):
-    from iamrec.run_folder import resolve_ckpt_path
+    from iamrec.run_checkpoints import resolve_ckpt_path
 
     assert resolve_ckpt_path("test", "best", str(tmp_path)) == "best"  # none yet: Lightning's own rule
     (tmp_path / "best.ckpt").write_bytes(b"")

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from iamrec.attention import ItemAttentionConfig, base_model, describe, installed_state
 from iamrec.data import IGNORE_INDEX
 from iamrec.data.collate import target_positions
-from iamrec.metrics import RankingMetrics, rank_of_target
+from iamrec.decoding import TitleTrie, constrained_beam_search, search, top_recommendations
+from iamrec.metrics import RankingMetrics, gather_samples, rank_of_target
 from iamrec.model import LoraConfig, build_model
 from iamrec.run_folder import LLM_PREDICTION_COLUMNS, write_test_outputs
 
@@ -242,16 +243,12 @@ class IAMRecModule(L.LightningModule):
     # ------------------------------------------------------------------ constrained decoding
     def _trie_for(self, datamodule):
         if self._trie is None:
-            from iamrec.decoding import TitleTrie
-
             self._trie = TitleTrie.from_sequences(
                 datamodule.answer_token_ids, self.hf_model.config.vocab_size
             )
         return self._trie
 
     def _rank(self, batch: dict[str, torch.Tensor]):
-        from iamrec.decoding import constrained_beam_search
-
         trie = self._trie_for(self.trainer.datamodule)
         result = constrained_beam_search(
             self.model,
@@ -310,14 +307,7 @@ class IAMRecModule(L.LightningModule):
 
     def _gather(self, rows: list[dict], columns: list[str]) -> pd.DataFrame:
         """This process's rows plus every other process's, each ``sample_index`` once, in sample order."""
-        if self.trainer.world_size > 1:
-            import torch.distributed as dist
-
-            gathered: list[list[dict]] = [None] * self.trainer.world_size  # type: ignore[list-item]
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        frame = pd.DataFrame(rows, columns=columns)
-        return frame.drop_duplicates("sample_index").sort_values("sample_index").reset_index(drop=True)
+        return gather_samples(rows, columns)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -378,8 +368,6 @@ class IAMRecModule(L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         """Each prompt's distinct catalogue answers, best first (`iamrec.recommend`); the CLI's
         `iamrec.predict.RecommendationWriter` keeps the top K and writes recommendations.jsonl."""
-        from iamrec.recommend import search, top_recommendations
-
         dm = self.trainer.datamodule
         result = search(self.model, batch, self._trie_for(dm), self.hparams.num_beams)
         return {

@@ -19,14 +19,20 @@ convention of :func:`expand_title_beams`/:func:`rank_of_target` is that each bea
 all of its items **in item_id order**, beams are concatenated in beam order, and repeated items are
 dropped (first occurrence kept). Ranks are positions in that de-duplicated item list; a beam whose title
 names no item (an invalid output) contributes nothing to the list.
+
+Per-sample results (predictions.parquet, the LLM's generated ranks) are gathered from every process by
+`gather_samples`: each sample counts once, in sample order, whatever the sampler did.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -150,3 +156,24 @@ def rank_of_target(
             r = -1
         ranks.append(r)
     return torch.tensor(ranks, dtype=torch.long)
+
+
+def all_processes(items: list[Any]) -> list[Any]:
+    """`items` of every process, concatenated in rank order (this process's own when it runs alone).
+
+    Under DDP/FSDP a collective (`torch.distributed.all_gather_object`): every process must call it, and
+    every process gets the whole list.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    gathered: list[list[Any]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def gather_samples(rows: list[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
+    """Per-sample rows (one dict per evaluated sample, with a ``sample_index``) of every process as one frame
+    of `columns`: each ``sample_index`` once, in sample order. A distributed sampler that pads its shards
+    repeats a few samples; those count once. A collective, like `all_processes`."""
+    frame = pd.DataFrame(all_processes(rows), columns=list(columns))
+    return frame.drop_duplicates("sample_index").sort_values("sample_index").reset_index(drop=True)

@@ -1,6 +1,6 @@
 """`iamrec predict`: the callback that writes ``recommendations.jsonl`` into the run's log folder.
 
-`IAMRecModule.predict_step` decodes each prompt (`iamrec.recommend.search`) and returns its distinct
+`IAMRecModule.predict_step` decodes each prompt (`iamrec.decoding.search`) and returns its distinct
 catalogue answers (`Recommendation.as_dict`); `RecommendationWriter` (the CLI's ``recommend`` group: ``--recommend.top_k``) gathers
 them from every process and writes one JSON object per line, in input order:
 
@@ -29,6 +29,7 @@ import lightning as L
 
 from iamrec import run_folder
 from iamrec.data.histories import HistoryDataset, longest_answer
+from iamrec.metrics import all_processes
 
 
 class RecommendationWriter(L.Callback):
@@ -66,13 +67,7 @@ class RecommendationWriter(L.Callback):
         self._rows += list(zip(outputs["sample_index"], outputs["recommendations"]))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rows = self._rows
-        if trainer.world_size > 1:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * trainer.world_size
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
+        rows = all_processes(self._rows)
         log_dir = Path(trainer.log_dir or ".")  # a collective (broadcast): every rank asks
         if not trainer.is_global_zero:
             return

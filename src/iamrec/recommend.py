@@ -10,7 +10,7 @@ Everything is the training code's: the prompt (`iamrec.data.PromptEncoder` with 
 settings: template, ``max_items``, ``max_length``; see `iamrec.data.histories` for the one length rule
 without a known answer), the padding (`iamrec.data.Collator`), the title trie and the constrained beam
 search (`iamrec.decoding`). `iamrec predict` (the `predict_step` of the LightningModule) decodes through
-`search` and `top_recommendations` below as well.
+the same `search` and `top_recommendations` (`iamrec.decoding.ranking`).
 
 Scores are HF beam scores: the sum of the title's token log-probabilities (EOS included) under the
 model, ``length_penalty=0`` as in evaluation; higher is better. A title that several items share names the
@@ -24,8 +24,7 @@ item (the end of `make demo`).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,64 +33,44 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from iamrec.attention import base_model
-from iamrec.data import Collator, PromptEncoder, PromptTemplate
+from iamrec.data import Collator, PromptEncoder, PromptTemplate, eval_subset_rows, load_items, load_samples
 from iamrec.data.histories import Catalogue, UnknownItemError, encode_history, longest_answer
-from iamrec.decoding import BeamResult, TitleTrie, constrained_beam_search
+from iamrec.decoding import Recommendation, TitleTrie, search, top_recommendations
+from iamrec.errors import guarded
+from iamrec.lit_module import IAMRecModule
+from iamrec.model.export import load_exported
+from iamrec.model.loading import load_tokenizer
+from iamrec.run_checkpoints import load_checkpoint_header
+from iamrec.run_folder import CheckpointError, last_checkpoint
 
+__all__ = [
+    "DATA_DEFAULTS",
+    "RECORDED_DATA_KEYS",
+    "Recommendation",
+    "Recommender",
+    "load_trained",
+    "recorded_data",
+    "search",
+    "show_test_user",
+    "top_recommendations",
+]
+
+# The data module's settings a trained model is used with: read from a checkpoint's recorded data
+# hyper-parameters, and what `iamrec export` copies into the exported folder's settings (`recorded_data`).
+RECORDED_DATA_KEYS = ("data_dir", "tokenizer", "template", "max_items", "max_length", "eval_batch_size")
 # The data module's defaults, for checkpoints saved before it recorded its settings.
 DATA_DEFAULTS: dict[str, Any] = {"max_items": 10, "max_length": 512, "template": None}
 
 
-@dataclass(frozen=True)
-class Recommendation:
-    """One recommended item: its id (items.parquet), title and beam score (higher is better)."""
-
-    item_id: int
-    title: str
-    score: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def search(model: nn.Module, batch: dict[str, torch.Tensor], trie: TitleTrie, num_beams: int) -> BeamResult:
-    """Constrained beam search over the catalogue for the left-padded prompts of a `Collator` batch."""
-    return constrained_beam_search(
-        model,
-        batch["prompt_input_ids"],
-        batch["prompt_attention_mask"],
-        batch["prompt_segment_ids"],
-        trie,
-        num_beams=num_beams,
-    )
-
-
-def top_recommendations(
-    result: BeamResult, titles: Sequence[str], k: int | None = None
-) -> list[list[Recommendation]]:
-    """Per prompt, its beams' catalogue answers best first, each title once, at most `k` (None: all)."""
-    out = []
-    scores = result.scores.tolist()
-    for items_per_beam, beam_scores in zip(result.items, scores):
-        recs: list[Recommendation] = []
-        seen: set[int] = set()
-        for items, score in zip(items_per_beam, beam_scores):
-            item = min(items) if items else -1
-            if item < 0 or item in seen:  # off the catalogue, or a repeat filling a free slot
-                continue
-            seen.add(item)
-            recs.append(Recommendation(item, titles[item], float(score)))
-        out.append(recs[:k] if k is not None else recs)
-    return out
+def recorded_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The `RECORDED_DATA_KEYS` that `data` (a data module's recorded hyper-parameters) holds."""
+    return {k: data[k] for k in RECORDED_DATA_KEYS if k in data}
 
 
 def load_trained(path: str | Path, num_beams: int | None = None, seed: int = 0):
     """(IAMRecModule with the checkpoint's weights, the data module's recorded settings) of an `iamrec fit`
     checkpoint or of a run folder holding ``checkpoints/last.ckpt`` (see `Recommender.from_checkpoint`
     for `seed`)."""
-    from iamrec.lit_module import IAMRecModule
-    from iamrec.run_folder import CheckpointError, last_checkpoint, load_checkpoint_header
-
     path = Path(path)
     if path.is_dir():
         path = last_checkpoint(path)
@@ -172,9 +151,6 @@ class Recommender:
                 ``tiny`` backbones (tests) lacks base weights; training drew them after
                 ``seed_everything`` (0 in the shipped configs).
         """
-        from iamrec.model.loading import load_tokenizer
-        from iamrec.run_folder import CheckpointError
-
         module, data = load_trained(path, num_beams, seed)
         data_dir = data_dir or data.get("data_dir")
         if data_dir is None:
@@ -196,8 +172,6 @@ class Recommender:
     ) -> Recommender:
         """The model of an `iamrec export` folder (`iamrec.model.load_exported`), with the data settings
         it records; `data_dir` defaults to the one it was trained on."""
-        from iamrec.model.export import load_exported
-
         model, tokenizer, settings = load_exported(folder)
         data = settings.get("data", {})
         data_dir = data_dir or data.get("data_dir")
@@ -207,8 +181,6 @@ class Recommender:
 
     @classmethod
     def _with_data(cls, model, tokenizer, data_dir, data: dict[str, Any], num_beams: int) -> Recommender:
-        from iamrec.data import load_items
-
         settings = {**DATA_DEFAULTS, **{k: v for k, v in data.items() if k in DATA_DEFAULTS}}
         template = settings["template"]
         template = PromptTemplate(**template) if isinstance(template, dict) else template
@@ -281,9 +253,6 @@ def show_test_user(
     The user is sample `index` of the test rows the checkpoint's run evaluates (``data.max_eval_samples``,
     ``data.seed``: the rows `iamrec test` scored).
     """
-    from iamrec.data import eval_subset_rows, load_samples
-    from iamrec.run_folder import last_checkpoint, load_checkpoint_header
-
     checkpoint = Path(checkpoint)
     checkpoint = last_checkpoint(checkpoint) if checkpoint.is_dir() else checkpoint
     rec = Recommender.from_checkpoint(checkpoint, data_dir)
@@ -315,8 +284,6 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--index", type=int, default=0, help="which of the tested samples")
     ns = parser.parse_args(args)
-    from iamrec.errors import guarded
-
     print(guarded(lambda: show_test_user(ns.checkpoint, ns.data_dir, ns.k, ns.index)))
 
 

@@ -18,15 +18,12 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
-
-if TYPE_CHECKING:
-    from iamrec.attention.install import ItemAttentionState
 
 
 def find_cache(args: tuple, kwargs: dict) -> Cache | None:
@@ -181,8 +178,8 @@ def remove_added(layers: nn.ModuleList) -> None:
             del layer.iam_added
 
 
-def install_added(state: ItemAttentionState, layers: nn.ModuleList) -> list[nn.Module]:
-    """Build the added sublayers ``state.added`` asks for, after every stacked pass's cache slot; record
+def install_added(state: Any, layers: nn.ModuleList) -> list[nn.Module]:
+    """Build the added sublayers ``state.added`` (an `ItemAttentionState`) asks for, after every stacked pass's cache slot; record
     each slot's kind and the hooks in `state`. Returns the new sublayers."""
     slot = state.num_layers * max(len(kinds) for kinds in state.schedule)  # after every stacked pass's slot
     new_sublayers = []

@@ -11,8 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "evaluate_popular": "iamrec.baselines.popular",
-    "SASRec": "iamrec.baselines.sasrec",
-    "SASRecDataModule": "iamrec.baselines.sasrec",
+    "SASRec": "iamrec.baselines.sasrec_model",
+    "SASRecDataModule": "iamrec.baselines.sasrec_data",
 }
 __all__ = list(_EXPORTS)
 

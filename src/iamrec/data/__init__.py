@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):
     if name == "IAMDataModule":
+        # lazy: the datamodule imports Lightning, which readers of processed data should not pay for
         from iamrec.data.datamodule import IAMDataModule
 
         return IAMDataModule

@@ -45,6 +45,7 @@ from iamrec.data.histories import (
 )
 from iamrec.data.prompt import PromptTemplate
 from iamrec.data.sampler import LengthGroupedBatchSampler, ResumableBatchSampler, SeededRandomSampler
+from iamrec.model.loading import load_tokenizer
 
 
 def _check_positive(name: str, value: int | None, allow_none: bool = False, minimum: int = 1) -> None:
@@ -164,8 +165,6 @@ class IAMDataModule(L.LightningDataModule):
 
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        from iamrec.model.loading import load_tokenizer
-
         return load_tokenizer(self.tokenizer_spec)
 
     @cached_property

@@ -57,8 +57,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import iamrec.decoding.steps as steps
 from iamrec.attention import base_model
-from iamrec.decoding import steps
 from iamrec.decoding.result import BeamResult, EarlyStopping, beam_result, check_search
 from iamrec.decoding.scoring import LMHead
 from iamrec.decoding.shared_prompt import SharedPrompt, SharedPromptCache, decode_attention, item_state

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from iamrec.attention import base_model
 from iamrec.model.loading import BackboneError, load_backbone_config
 
 
@@ -24,8 +25,6 @@ def decoder_layer_classes(backbone: str | PretrainedConfig | nn.Module) -> froze
     """The decoder-layer class(es) of `backbone`: a model spec (``tiny``, a folder, a hub id), its
     config, or a built model (plain, peft-wrapped or item-aware)."""
     if isinstance(backbone, nn.Module):
-        from iamrec.attention import base_model
-
         layers = getattr(base_model(backbone).get_decoder(), "layers", None)
         if not layers:
             raise BackboneError(f"{type(backbone).__name__} has no decoder `layers` to shard.")
