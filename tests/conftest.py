@@ -96,3 +96,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------- gpu tier
+
+
+def _gpu_only(config) -> bool:
+    return (config.getoption("markexpr") or "").strip() == "gpu"
+
+
+def pytest_configure(config) -> None:
+    """`pytest -m gpu` (a GPU sitting's check): print every test's duration."""
+    if _gpu_only(config) and not config.getoption("durations"):
+        config.option.durations, config.option.durations_min = 0, 0.0
+
+
+def pytest_ignore_collect(collection_path, config):
+    """`pytest -m gpu` collects only tests/gpu/ (importing the CPU tests costs a sitting ~30 s); without
+    `-m gpu`, tests/gpu/ is collected and skipped by its marker."""
+    if _gpu_only(config) and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return "gpu" not in collection_path.parent.parts
+    return None

@@ -223,38 +223,6 @@ def test_empty_test_split_is_reported(tmp_path):
     assert "The test split of" in res.stderr and "is empty" in res.stderr and "Traceback" not in res.stderr
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bf16_lora_fit_then_test_on_gpu(processed_dir, tmp_path):
-    """The default recipe on one GPU: bf16 base, fp32 LoRA, bf16-mixed; test decodes on the GPU."""
-    extra = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-mixed"]
-    res = run(["fit", *_tiny(processed_dir, tmp_path, *extra, "--model.model_dtype=bfloat16")])
-    assert res.returncode == 0, res.stderr[-3000:]
-    res = run(
-        ["test", *_tiny(processed_dir, tmp_path, *extra, "--model.model_dtype=bfloat16"), "--ckpt_path=last"]
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads(next(tmp_path.rglob("test_metrics.json")).read_text())
-    assert metrics["users"] == 12 and metrics["invalid_rate"] == 0.0
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fsdp_full_finetuning_on_gpu(processed_dir, tmp_path):
-    """FSDP for full fine-tuning of larger backbones (LoRA + DDP is the default)."""
-    extra = [
-        "--trainer.accelerator=gpu",
-        "--trainer.strategy=fsdp",
-        f"--trainer.devices={torch.cuda.device_count()}",
-        "--model.lora=null",
-        "--trainer.precision=bf16-mixed",
-        "--trainer.max_steps=2",
-        "--model.warmup_steps=1",
-    ]
-    res = run(["fit", *_tiny(processed_dir, tmp_path, *extra)])
-    assert res.returncode == 0, res.stderr[-3000:]
-
-
 def test_ckpt_path_best_names_best_ckpt(tmp_path):
     from iamrec.run_checkpoints import resolve_ckpt_path
 

@@ -144,23 +144,6 @@ def test_fast_beam_search_equals_hf_generate(model, trie, num_beams):
         assert torch.all(fast.scores[i, :-1] >= fast.scores[i, 1:])  # best first
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("schedule", ["iam", "causal"])
-def test_fast_beam_search_equals_hf_generate_on_gpu(schedule):
-    torch.manual_seed(0)
-    m = load_backbone("tiny").eval()
-    with torch.no_grad():
-        m.lm_head.weight.mul_(5.0)
-    model = apply_item_attention(m.cuda(), schedule)
-    gpu_trie = TitleTrie.from_sequences(_catalogue(), 600).to(
-        "cuda"
-    )  # its own trie: the fixture stays on CPU
-    ids, mask, seg = (t.cuda() for t in _prompts())
-    fast = constrained_beam_search(model, ids, mask, seg, gpu_trie, 6)
-    _assert_same(fast, reference_beam_search(model, ids, mask, seg, gpu_trie, 6))
-
-
 @pytest.mark.parametrize("shared_prompt", [True, False])
 def test_table_lookup_gives_the_edge_lookup_beams_bit_for_bit(model, trie, shared_prompt):
     """The padded next-token table (no host sync) and the edge list (the earlier path) score the same pairs

@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-# The command-line layer: only these may import `iamrec.cli`.
-CLI_MODULES = {"iamrec.cli", "iamrec.__main__"}
+# The command-line layer and the floor above it (whole tables and sittings run the CLIs and resolve configs
+# with their parsers): only these may import `iamrec.cli`.
+CLI_MODULES = {"iamrec.cli", "iamrec.__main__", "iamrec.reproduce", "iamrec.session"}
+TOP_FLOOR = "iamrec.tables"
 
 
 def module_name(path: Path, src: Path = SRC) -> str:
@@ -101,7 +103,8 @@ def cycle_path(graph: dict[str, set[str]], component: list[str]) -> list[str]:
 
 def test_library_does_not_import_the_cli():
     graph = import_graph()
-    offenders = sorted(m for m, targets in graph.items() if "iamrec.cli" in targets and m not in CLI_MODULES)
+    above = {m for m in graph if m in CLI_MODULES or m == TOP_FLOOR or m.startswith(TOP_FLOOR + ".")}
+    offenders = sorted(m for m, targets in graph.items() if "iamrec.cli" in targets and m not in above)
     assert not offenders, f"library modules import iamrec.cli (the CLI sits on top): {offenders}"
 
 

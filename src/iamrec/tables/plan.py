@@ -124,9 +124,17 @@ def plan(table: str, datasets: Sequence[str]) -> list[Cell]:
     return cells
 
 
-def default_root(profile: str, table: str) -> Path:
-    """``results/runs/<profile>/<table>``: where `reproduce` keeps a table's run folders."""
-    return RUNS_ROOT / profile / table
+# Profiles whose runs are committed (small files only: checkpoints are ignored by git), so their tables
+# build up in the repository sitting after sitting: results/<profile>/runs/<table>.
+COMMITTED_RUNS = ("gpu",)
+
+
+def default_root(profile: str, table: str, runs_root: str | Path = RUNS_ROOT) -> Path:
+    """Where a table's run folders live: ``<runs_root>/<profile>/<table>``, except for the default runs
+    root and a profile of `COMMITTED_RUNS`: ``results/<profile>/runs/<table>`` (tracked by git)."""
+    if Path(runs_root) == RUNS_ROOT and profile in COMMITTED_RUNS:
+        return Path("results") / profile / "runs" / table
+    return Path(runs_root) / profile / table
 
 
 def default_out(profile: str, table: str) -> Path:

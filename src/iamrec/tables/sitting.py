@@ -3,9 +3,10 @@ file and time limit under ``results/runs/sessions/<stamp>/<step>.log`` (one line
 ``summary.txt``), all within one budget; a failure or a time-out of one never stops the rest.
 
 The steps, in order: ``env`` (versions, the GPU), ``assets`` (`data_prep.assets`), ``data``
-(`data_prep.movielens` into ``data/processed/ml100k``), ``tests`` (``pytest -m gpu``), ``bench`` (training
-and decoding benchmarks), ``resume`` (earlier sittings' archives merged first), ``table_<name>``
-(`python -m iamrec.reproduce` with what is left of the budget), then the archive (`iamrec.tables.archive`).
+(`data_prep.movielens` into ``data/processed/ml100k``), ``resume`` (earlier sittings' archives merged
+first), ``table_<name>`` (`python -m iamrec.reproduce` with what is left of the budget: it starts only the
+cell-seeds projected to finish), then, when asked, ``tests`` (``pytest -m gpu``) and ``bench`` (training
+and decoding benchmarks), then the archive (`iamrec.tables.archive`).
 Steps that cannot run here are skipped with the reason in their log (no CUDA: the gpu tests, the
 benchmarks and a profile whose overlays ask for a GPU).
 """
@@ -211,6 +212,8 @@ class Sitting:
     minutes: float | None = None
     jobs: int | None = None
     skip: frozenset[str] = field(default_factory=frozenset)
+    tests: bool = False  # run `pytest -m gpu` (after the tables, with what time is left)
+    bench: bool = False  # run the benchmarks (after the tables, with what time is left)
     wheel_dir: str | None = None
     resume: tuple[str, ...] = ()
     archive: str | None = None
@@ -295,15 +298,30 @@ def bench_commands() -> dict[str, list[str]]:
 
 
 def check_steps(session: Session, sitting: Sitting, no_cuda: str | None) -> None:
-    """The gpu tests, then the benchmarks (each skipped with its reason where it cannot run)."""
-    if "tests" in sitting.skip or no_cuda:
-        session.skip("tests", "--skip tests" if "tests" in sitting.skip else no_cuda)
+    """The gpu tests, then the benchmarks, when asked (`--tests`, `--bench`): after the tables, whose own
+    runs record their speed (``timing`` in each DONE), so a sitting's minutes go to finished cell-seeds
+    first. Each is skipped with its reason where it cannot run."""
+    if not sitting.tests or "tests" in sitting.skip or no_cuda:
+        why = (
+            "not asked (--tests)"
+            if not sitting.tests
+            else "--skip tests"
+            if "tests" in sitting.skip
+            else no_cuda
+        )
+        session.skip("tests", why)
     else:
         session.run(
             "tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"]
         )
     for name, argv in bench_commands().items():
-        why = "--skip bench" if "bench" in sitting.skip else no_cuda
+        why = (
+            "not asked (--bench)"
+            if not sitting.bench
+            else "--skip bench"
+            if "bench" in sitting.skip
+            else no_cuda
+        )
         why = why or (None if Path(MODEL).is_dir() else f"no model at {MODEL} (the assets step builds it)")
         if why:
             session.skip(name, why)
@@ -398,9 +416,9 @@ def run_sitting(sitting: Sitting) -> int:
     gpus = env_step(session)  # the archive always says where it ran
     no_cuda = "no CUDA" if not gpus else None
     setup_steps(session, sitting)
-    check_steps(session, sitting, no_cuda)
     resumed = resume_step(session, sitting)
-    table_steps(session, sitting, no_cuda)
+    table_steps(session, sitting, no_cuda)  # first: what the sitting is for
+    check_steps(session, sitting, no_cuda)
     return finish(session, sitting, archive, gpus, resumed)
 
 
