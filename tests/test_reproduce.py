@@ -7,8 +7,8 @@ No model is trained: the stage subprocesses are replaced by a fake that writes w
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,8 +49,8 @@ def in_repo(monkeypatch):
 
 def test_plan_has_one_config_per_cell(in_repo) -> None:
     cells = plan("table2", ["ml100k"])
-    assert [c.method for c in cells] == ["popular", "sasrec", "causal", "hatllm", "iam"]
-    assert [c.kind for c in cells] == ["popular", "sasrec", "llm", "llm", "llm"]
+    assert [c.method for c in cells] == ["popular", "sasrec", "causal", "hatllm", "iam", "added_iam"]
+    assert [c.kind for c in cells] == ["popular", "sasrec", "llm", "llm", "llm", "llm"]
     assert cells[4].configs == (Path("configs/ml100k.yaml"), Path("configs/table2/ml100k/iam.yaml"))
     assert cells[1].configs == (Path("configs/table2/ml100k/sasrec.yaml"),)  # stand-alone SASRec config
     assert len(plan("ablation", list(tp.DATASETS))) == 15 * len(tp.DATASETS)  # PRESETS: 10 masked, 5 added
@@ -246,7 +246,7 @@ def test_run_skips_finished_and_resumes(workspace: Path, monkeypatch) -> None:
     monkeypatch.setattr(runner, "_call", _fake_stages(calls))
     root = workspace / "runs"
     reproduce("table2", ["ml100k"], [0, 1], "small", root=root, out=workspace / "results" / "table2")
-    assert len(calls) == 4 * 2 * 2  # sasrec, causal, hatllm, iam x 2 seeds x (fit, test); popular in-process
+    assert len(calls) == 5 * 2 * 2  # sasrec, causal, hatllm, iam, added_iam x 2 seeds x (fit, test)
     sasrec_test = [c for c in calls if c[2] == "iamrec.baselines.sasrec" and c[3] == "test"]
     assert sasrec_test[0][-1].endswith(
         "seed0/checkpoints/best-epoch=3.ckpt"
@@ -412,7 +412,7 @@ def test_methods_restrict_what_runs(workspace: Path) -> None:
     assert "ml100k/iam seed0: run" in plan_text and "ml100k/causal seed0" not in plan_text
     cpu = reproduce("table2", ["ml100k"], [0], "cpu", root=workspace / "cpu", dry_run=True)
     assert "    fit: iamrec fit --config=configs/ml100k.yaml --config=configs/table2/ml100k/iam.yaml " in cpu
-    assert cpu.count("--config=configs/profiles/cpu.yaml ") == 6  # fit + test of 3 LLM cells
+    assert cpu.count("--config=configs/profiles/cpu.yaml ") == 8  # fit + test of 4 LLM cells
     assert cpu.count("--config=configs/profiles/cpu-sasrec.yaml ") == 2
     with pytest.raises(ValueError, match="unknown method"):
         reproduce("table2", ["ml100k"], [0], "small", root=workspace / "runs", dry_run=True, methods=["foo"])
@@ -475,7 +475,7 @@ def test_gpu_dry_run_prints_the_plan_with_its_overlays(workspace: Path, capsys) 
     rp.main(["table2", "--profile", "gpu", "--seeds", "0", "--dry-run"])
     out = capsys.readouterr().out
     assert "# table2, profile gpu (one GPU: full fine-tuning" in out and "root results/runs/gpu/table2" in out
-    assert out.count("--config=configs/profiles/gpu.yaml ") == 6  # fit + test of 3 LLM cells
+    assert out.count("--config=configs/profiles/gpu.yaml ") == 8  # fit + test of 4 LLM cells
     assert out.count("--config=configs/profiles/gpu-sasrec.yaml ") == 2
     assert not Path("results").exists()  # a dry run writes nothing
     # reports: results/<profile>/<table>; the committed cpu reports stay at results/<table>

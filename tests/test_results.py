@@ -194,3 +194,32 @@ def test_run_folder_round_trip(tmp_path: Path, capsys) -> None:
         rf.write_test_outputs(tmp_path / "bad", metrics, preds.drop(columns="user_id"))
     with pytest.raises(FileNotFoundError, match="no test_metrics.json"):
         rf.latest_test_outputs(tmp_path / "ml" / "causal")
+
+
+def test_every_iam_row_is_paired_with_causal_and_never_counts_as_a_baseline(tmp_path: Path) -> None:
+    """Table 2 holds IAM twice (masked layers `iam`, added sublayers `added_iam`): each is tested against
+    the causal LLM, and added_iam, even when best, is never IAM's 'best baseline'."""
+    root = write_runs(tmp_path)
+    extra = {
+        "causal": {1: 2, 2: 2, 3: 0, 4: -1, 5: 1, 6: 4},
+        "added_iam": {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0},
+    }
+    for method, ranks in extra.items():
+        run = root / "ml" / method / "seed0"
+        run.mkdir(parents=True)
+        (run / "test_metrics.json").write_text(json.dumps({m: 0.9 for m in METRICS} | {"users": 6}))
+        pd.DataFrame({"user_id": list(ranks), "rank": list(ranks.values())}).to_parquet(
+            run / "predictions.parquet"
+        )
+    runs = collect_runs(root)
+    agg = aggregate(runs)
+    sig = significance(runs, agg)
+    pairs = set(zip(sig["method"], sig["baseline"]))
+    assert pairs == {("iam", "causal"), ("added_iam", "causal")}  # causal (0.9) is the best baseline
+    row = sig[(sig["method"] == "added_iam") & (sig["metric"] == "NDCG@10")].iloc[0]
+    a = np.array([_ndcg10(extra["added_iam"][u]) for u in range(1, 7)])
+    b = np.array([_ndcg10(extra["causal"][u]) for u in range(1, 7)])
+    assert row["mean_diff"] == pytest.approx((a - b).mean())
+    md = to_markdown(agg, significance_df=sig)
+    assert "- added_iam vs causal, per-user NDCG@10" in md
+    assert md.index("| added_iam |") < md.index("| iam |")  # the IAM rows last, `iam` at the bottom

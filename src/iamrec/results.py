@@ -32,6 +32,8 @@ from iamrec import run_folder
 
 TABLE_METRICS: tuple[str, ...] = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 IAM = "iam"
+# Other readings of IAM shown as rows of their own (never a baseline); each is tested against `causal`.
+IAM_ROWS = (IAM, "added_iam")
 _KEYS = ["dataset", "method"]
 
 
@@ -160,8 +162,10 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 
 def best_method(agg: pd.DataFrame, dataset: str, metric: str, exclude: str | None = IAM) -> str | None:
-    """Method with the highest mean ``metric`` on ``dataset`` (``exclude`` left out), or None."""
-    rows = agg[(agg["dataset"] == dataset) & (agg["method"] != exclude)].dropna(subset=[f"{metric}_mean"])
+    """The baseline with the highest mean ``metric`` on ``dataset`` (``exclude`` and every IAM row left
+    out), or None."""
+    out = {exclude, *IAM_ROWS} - {None}
+    rows = agg[(agg["dataset"] == dataset) & ~agg["method"].isin(out)].dropna(subset=[f"{metric}_mean"])
     if rows.empty:
         return None
     return str(rows.loc[rows[f"{metric}_mean"].idxmax(), "method"])
@@ -175,35 +179,47 @@ def significance(
     also: Sequence[str] = ("causal",),
 ) -> pd.DataFrame:
     """IAM vs the best baseline (by ``test_metric``) per dataset, paired over test users; then IAM vs each
-    method in ``also`` that has runs (default: the same LLM with standard attention, the matched control).
+    method in ``also`` that has runs (default: the same LLM with standard attention, the matched control);
+    then every other IAM row (`IAM_ROWS`, e.g. ``added_iam``) vs the methods of ``also``.
 
-    One row per dataset, baseline and per-user metric (HR@10, NDCG@10): ``dataset``, ``baseline``,
-    ``metric``, ``n`` (users both evaluated), ``mean_diff``, ``t_pvalue``, ``wilcoxon_pvalue``.
+    One row per dataset, IAM row, baseline and per-user metric (HR@10, NDCG@10): ``dataset``, ``method``,
+    ``baseline``, ``metric``, ``n`` (users both evaluated), ``mean_diff``, ``t_pvalue``,
+    ``wilcoxon_pvalue``.
     """
     rows = []
     pairs = []
     for dataset in sorted(agg["dataset"].unique()):
         present = set(agg.loc[agg["dataset"] == dataset, "method"])
-        if iam not in present:
-            continue
-        best = best_method(agg, dataset, test_metric, exclude=iam)
-        extra = [m for m in also if m in present and m not in (best, iam)]
-        pairs += [(dataset, b) for b in ([best] if best else []) + extra]
-    for dataset, baseline in pairs:
+        if iam in present:
+            best = best_method(agg, dataset, test_metric, exclude=iam)
+            extra = [m for m in also if m in present and m not in (best, iam)]
+            pairs += [(dataset, iam, b) for b in ([best] if best else []) + extra]
+        for row in (m for m in IAM_ROWS if m != iam and m in present):
+            pairs += [(dataset, row, b) for b in also if b in present]
+    for dataset, method, baseline in pairs:
         try:
-            scores = [per_user_scores(load_predictions(runs, dataset, m), k=10) for m in (iam, baseline)]
+            scores = [per_user_scores(load_predictions(runs, dataset, m), k=10) for m in (method, baseline)]
         except FileNotFoundError:
             # No per-user ranks for one side: report the pairing as undefined instead of failing the table.
             nan = {"n": 0, "mean_diff": math.nan, "t_pvalue": math.nan, "wilcoxon_pvalue": math.nan}
             rows += [
-                {"dataset": dataset, "baseline": baseline, "metric": m, **nan} for m in ("HR@10", "NDCG@10")
+                {"dataset": dataset, "method": method, "baseline": baseline, "metric": m, **nan}
+                for m in ("HR@10", "NDCG@10")
             ]
             continue
         users = scores[0].index.intersection(scores[1].index)  # pair only users both evaluated
         for metric in ("HR@10", "NDCG@10"):
             a, b = (s.loc[users, metric].to_numpy() for s in scores)
-            rows.append({"dataset": dataset, "baseline": baseline, "metric": metric, **paired_test(a, b)})
-    columns = ["dataset", "baseline", "metric", "n", "mean_diff", "t_pvalue", "wilcoxon_pvalue"]
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "method": method,
+                    "baseline": baseline,
+                    "metric": metric,
+                    **paired_test(a, b),
+                }
+            )
+    columns = ["dataset", "method", "baseline", "metric", "n", "mean_diff", "t_pvalue", "wilcoxon_pvalue"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -211,8 +227,9 @@ def significance(
 
 
 def _method_order(methods: Sequence[str], iam: str) -> list[str]:
-    # Baselines alphabetically, IAM last, as in the paper's tables.
-    return sorted(m for m in methods if m != iam) + ([iam] if iam in methods else [])
+    # Baselines alphabetically, then the other IAM rows, IAM last, as in the paper's tables.
+    rows = [m for m in IAM_ROWS if m != iam and m in methods]
+    return sorted(m for m in methods if m != iam and m not in rows) + rows + ([iam] if iam in methods else [])
 
 
 def _cell(mean: float, std: float, digits: int) -> str:
@@ -271,7 +288,8 @@ def to_markdown(
         if significance_df is not None:
             for r in significance_df[significance_df["dataset"] == dataset].itertuples():
                 lines.append(
-                    f"- {iam} vs {r.baseline}, per-user {r.metric} over {r.n} test users: mean difference "
+                    f"- {getattr(r, 'method', iam)} vs {r.baseline}, per-user {r.metric} over {r.n} test users: "
+                    "mean difference "
                     f"{r.mean_diff:+.4f}, paired t-test p = {r.t_pvalue:.3g}, "
                     f"Wilcoxon signed-rank p = {r.wilcoxon_pvalue:.3g}"
                 )

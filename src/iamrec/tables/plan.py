@@ -25,7 +25,7 @@ from iamrec import run_folder
 from iamrec.attention.schedule import PRESETS
 
 TABLES: dict[str, tuple[str, ...]] = {
-    "table2": ("popular", "sasrec", "causal", "hatllm", "iam"),
+    "table2": ("popular", "sasrec", "causal", "hatllm", "iam", "added_iam"),
     "ablation": PRESETS,  # every layer schedule preset
 }
 DATASETS: tuple[str, ...] = ("ml100k", "toys", "sports", "beauty")
