@@ -59,12 +59,15 @@ class CellFailed(RuntimeError):
         self.report = report
 
 
-def _call(argv: list[str], log: Path | None = None, tag: str = "") -> None:
+_CELL_SEED = threading.local()  # the cell-seed a thread runs (`run_seed`), so its stages can be stopped
+
+
+def _call(argv: list[str], log: Path | None = None) -> None:
     """Run one stage; its output goes to the console, or appended to `log` (parallel cell-seeds)."""
     with open(log, "ab") if log is not None else contextlib.nullcontext() as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if out is not None else None)
         with _RUNNING_LOCK:
-            _RUNNING[proc] = tag
+            _RUNNING[proc] = getattr(_CELL_SEED, "name", "")
         try:
             code = proc.wait()
         finally:
@@ -104,6 +107,7 @@ def run_seed(
     cell-seeds shared the GPU with it at most (recorded with its rates in the DONE record's ``timing``)."""
     run_dir = cell.run_dir(root, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _CELL_SEED.name = f"{cell.name} seed{seed}"
     start, done_cmds = time.time(), []
     if cell.kind == "popular":
         data_dir, rows = popular_rows(cell, profile)
@@ -116,7 +120,7 @@ def run_seed(
             # built per stage: the test stage names the checkpoint the fit stage just wrote (SASRec's best)
             argv = stage_commands(cell, seed, root, profile)[i][1]
             print(f"[reproduce] {cell.name} seed{seed} {stage}: {display(argv)}", flush=True)
-            _call(argv, log, f"{cell.name} seed{seed}")
+            _call(argv, log)
             if stage == "fit":
                 run_folder.mark_fit_done(run_dir)
             done_cmds.append(display(argv))

@@ -297,31 +297,28 @@ def bench_commands() -> dict[str, list[str]]:
     }  # fmt: skip
 
 
+def _why_not(step: str, asked: bool, sitting: Sitting, no_cuda: str | None) -> str | None:
+    """Why an optional step does not run: skipped, not asked, no CUDA; None: it runs."""
+    if step in sitting.skip:
+        return f"--skip {step}"
+    if not asked:
+        return f"not asked (--{step})"
+    return no_cuda
+
+
 def check_steps(session: Session, sitting: Sitting, no_cuda: str | None) -> None:
     """The gpu tests, then the benchmarks, when asked (`--tests`, `--bench`): after the tables, whose own
     runs record their speed (``timing`` in each DONE), so a sitting's minutes go to finished cell-seeds
     first. Each is skipped with its reason where it cannot run."""
-    if not sitting.tests or "tests" in sitting.skip or no_cuda:
-        why = (
-            "not asked (--tests)"
-            if not sitting.tests
-            else "--skip tests"
-            if "tests" in sitting.skip
-            else no_cuda
-        )
+    why = _why_not("tests", sitting.tests, sitting, no_cuda)
+    if why:
         session.skip("tests", why)
     else:
         session.run(
             "tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"]
         )
     for name, argv in bench_commands().items():
-        why = (
-            "not asked (--bench)"
-            if not sitting.bench
-            else "--skip bench"
-            if "bench" in sitting.skip
-            else no_cuda
-        )
+        why = _why_not("bench", sitting.bench, sitting, no_cuda)
         why = why or (None if Path(MODEL).is_dir() else f"no model at {MODEL} (the assets step builds it)")
         if why:
             session.skip(name, why)
