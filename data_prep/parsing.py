@@ -169,6 +169,7 @@ def iter_lines(path: Path, encoding: str = "utf-8"):
     """
     codec = check_encoding(encoding)
     utf8 = codec in ("utf-8", "utf-8-sig")
+    i = 0
     try:
         with _open_binary(path) as f:
             for i, raw in enumerate(progress(f, f"reading {path.name}", "lines"), 1):
@@ -192,6 +193,8 @@ def iter_lines(path: Path, encoding: str = "utf-8"):
                     ) from None
                 yield i, line.rstrip("\r\n")
     except (OSError, EOFError, zlib.error) as e:  # e.g. a truncated or fake .gz, a folder, no permission
+        if i:  # lines were read: name where the file breaks off (a .gz that ends early)
+            raise DataPrepError(f"the file breaks off after line {i} ({e})", path, i + 1) from e
         raise DataPrepError(f"cannot read the file ({e})", path) from e
 
 
@@ -208,3 +211,55 @@ def date_to_seconds(date: str, flag: str) -> int:
         return int(pd.Timestamp(date, tz="UTC").timestamp())
     except ValueError as e:
         raise DataPrepError(f"{flag} must be a date like 2016-10-01, got {date!r}") from e
+
+
+# ----------------------------------------------------------------------------- RecBole atomic files
+
+ATOMIC_TYPES = frozenset({"token", "token_seq", "float", "float_seq"})
+
+
+def atomic_header(path: Path, line: str, need: tuple[str, ...]) -> dict[str, int]:
+    """{column name: field index} of a RecBole atomic header (tab-separated ``name:type`` fields)."""
+    fields = line.split("\t")
+    for k, field in enumerate(fields, 1):
+        name, _, kind = field.partition(":")
+        if kind not in ATOMIC_TYPES:
+            what = "has no :type" if not kind else f"has the unknown type {kind!r}"
+            raise DataPrepError(
+                f"column {k} ({field[:40]!r}) of the RecBole atomic header {what} (expected name:type, type "
+                f"one of {', '.join(sorted(ATOMIC_TYPES))}): {line[:80]!r}",
+                path,
+                1,
+            )
+    cols = {f.partition(":")[0]: k for k, f in enumerate(fields)}
+    missing = [c for c in need if c not in cols]
+    if missing:
+        raise DataPrepError(
+            f"the RecBole atomic header has no column {missing[0]!r} (its columns: {', '.join(cols)})",
+            path,
+            1,
+        )
+    return cols
+
+
+def atomic_rows(path: Path, need: tuple[str, ...], drops, encoding: str = "utf-8"):
+    """Yield (line number, {column: value}) of a RecBole atomic file (``.inter``, ``.item``, ...): a
+    ``name:type`` header, then tab-separated fields (``token_seq`` values are space-separated tokens, one
+    field). Blank lines are counted (``blank:<file>``); a line with another number of fields is an error."""
+    lines = iter_lines(path, encoding)
+    first = next(lines, None)
+    if first is None:
+        raise DataPrepError("the file has no header line", path, 1)
+    cols = atomic_header(path, first[1], need)
+    for i, line in lines:
+        if not line.strip():
+            drops.lines[f"blank:{path.name}"] += 1
+            continue
+        f = line.split("\t")
+        if len(f) != len(cols):
+            raise DataPrepError(
+                f"expected {len(cols)} tab-separated fields (as the header), got {len(f)}: {line[:80]!r}",
+                path,
+                i,
+            )
+        yield i, {c: f[k] for c, k in cols.items()}
