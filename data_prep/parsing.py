@@ -299,8 +299,8 @@ class TimeColumn:
         other = next((k for k in self.first if k != kind), None)
         if other is not None:
             self._fail(
-                f"mixed time units: {str(shown)[:40]!r} is {kind} but {self.where} {self.first[other]} held "
-                f"{other}; one column holds one unit",
+                f"mixed time units: {self.where} {self.first[other]} holds {other}, this {self.where} {kind} "
+                f"({str(shown)[:40]!r}); one column holds one unit",
                 line,
             )
 

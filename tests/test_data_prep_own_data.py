@@ -284,7 +284,7 @@ BAD = {
         (),
         "inter.csv",
         6,
-        "column 'timestamp': mixed time units: '1600000250000' is milliseconds but line 2 held seconds; one column holds one unit",
+        "column 'timestamp': mixed time units: line 2 holds seconds, this line milliseconds ('1600000250000'); one column holds one unit",
     ),
     "ms_declared_seconds_given": (
         "csv",
@@ -300,7 +300,7 @@ BAD = {
         (),
         "inter.csv",
         3,
-        "column 'timestamp': mixed time units: '2020-09-13T12:28:20' is ISO-8601 dates but line 2 held seconds; one column holds one unit",
+        "column 'timestamp': mixed time units: line 2 holds seconds, this line ISO-8601 dates ('2020-09-13T12:28:20'); one column holds one unit",
     ),
     "other_delimiter": (
         "csv",
