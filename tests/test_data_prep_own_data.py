@@ -355,3 +355,27 @@ def test_bad_input_is_one_sentence_naming_file_line_and_column(tmp_path, capsys,
     else:
         assert err[0] == f"{where}{line}: {message}"
     assert not (tmp_path / "out").exists()
+
+
+def test_recbole_named_fields_and_parquet_timestamps(tmp_path, reference):
+    # A Yelp-like RecBole dataset: business_id items, a "name" title, a date field.
+    d = tmp_path / "yelp"
+    d.mkdir()
+    rows = "".join(f"r{k}\t{u}\t{i}\t{t}\n" for k, (u, i, _, t) in enumerate(RATINGS))
+    (d / "yelp.inter").write_text("review_id:token\tuser_id:token\tbusiness_id:token\tdate:float\n" + rows)
+    items = "".join(f"{i}\t{t}\n" for i, t in ITEMS)
+    (d / "yelp.item").write_text("business_id:token\tname:token_seq\n" + items)
+    fields = ["--item-field", "business_id", "--time-field", "date", "--title-field", "name"]
+    assert recbole.main(["--input", str(d), "--output", str(tmp_path / "a"), *fields]) == 0
+    # Parquet timestamp columns (naive: UTC, counted) instead of numbers.
+    frame = pd.DataFrame(
+        [(u, i, pd.Timestamp(t, unit="s")) for u, i, _, t in RATINGS],
+        columns=["user_id", "item_id", "timestamp"],
+    )
+    frame.to_parquet(tmp_path / "i.parquet")
+    pd.DataFrame(ITEMS, columns=["item_id", "title"]).to_parquet(tmp_path / "t.parquet")
+    stats = interactions.prepare(tmp_path / "i.parquet", tmp_path / "t.parquet", tmp_path / "b")
+    assert stats["times"]["naive_dates_read_as_utc"] == 13
+    for out in ("a", "b"):
+        for name in SAME:
+            assert (tmp_path / out / name).read_bytes() == (reference["d3"] / name).read_bytes(), (out, name)
