@@ -8,7 +8,9 @@ to :func:`build_dataset`:
   text columns, plus ``drop_reason`` (str or None) when the source already decided to drop an item
   (missing / HTML / long title ...).
 - raw interactions: ``raw_user_id`` (str), ``raw_item_id`` (str), ``timestamp`` (int64 seconds),
-  optional ``rating``; row order = file order (``order`` is added here, 0..N-1).
+  optional ``rating``; row order = file order (``order`` is added here, 0..N-1). A source whose times are
+  finer than seconds (milliseconds, ISO-8601 fractions) hands its rows in (exact time, file order) order
+  (``data_prep.interactions.in_time_order``), so that ties within a second go by the exact time.
 
 :func:`build_dataset` then filters them, counting every dropped row by reason, and cuts samples by the
 chosen protocol (the filters' order, time order and ties, ``loo`` and ``d3``: ``data_prep.protocols``).

@@ -50,6 +50,7 @@ from data_prep.common import build_dataset, print_summary, run_main
 from data_prep.output import locked_output
 from data_prep.parsing import (
     DataPrepError,
+    atomic_rows,
     check_encoding,
     check_time,
     detect_encoding,
@@ -212,34 +213,6 @@ def read_grouplens(input_dir: Path, one_m: bool, drops: Drops, encoding: str = "
     return items_df, _ratings_frame(rows, lines, rpath, items_df, bad), [rpath, ipath], enc
 
 
-def _atomic_header(path: Path, line: str, need: tuple[str, ...]) -> dict[str, int]:
-    cols = {c.split(":")[0]: k for k, c in enumerate(line.split("\t"))}
-    missing = [c for c in need if c not in cols]
-    if missing or not all(":" in c for c in line.split("\t")):
-        raise DataPrepError(
-            f"not a RecBole atomic header (need name:type columns incl. {', '.join(need)}): {line[:80]!r}",
-            path,
-            1,
-        )
-    return cols
-
-
-def _atomic_rows(path: Path, need: tuple[str, ...], drops: Drops, encoding: str):
-    """Yield (line number, {column: value}) of a RecBole atomic file."""
-    lines = iter_lines(path, encoding)
-    cols = _atomic_header(path, next(lines)[1], need)
-    for i, line in lines:
-        if not line.strip():
-            drops.lines[f"blank:{path.name}"] += 1
-            continue
-        f = line.split("\t")
-        if len(f) != len(cols):
-            raise DataPrepError(
-                f"expected {len(cols)} tab-separated fields, got {len(f)}: {line[:80]!r}", path, i
-            )
-        yield i, {c: f[k] for c, k in cols.items()}
-
-
 def read_recbole(input_dir: Path, drops: Drops, encoding: str = "auto"):
     inters = sorted(input_dir.glob("*.inter"))
     if len(inters) != 1:
@@ -248,10 +221,10 @@ def read_recbole(input_dir: Path, drops: Drops, encoding: str = "auto"):
     ipath = require_file(rpath.with_suffix(".item"), "RecBole .item file")
     enc = {p.name: detect_encoding(p, encoding, "latin-1") for p in (rpath, ipath)}
     items, item_lines, added_year, bad_items = [], [], 0, []
-    first_row = next(_atomic_rows(ipath, ("item_id",), Drops(), enc[ipath.name]), None)  # header check first
+    first_row = next(atomic_rows(ipath, ("item_id",), Drops(), enc[ipath.name]), None)  # header check first
     if first_row is not None and not {"movie_title", "title"} & set(first_row[1]):
         raise DataPrepError("the RecBole .item header has no movie_title column", ipath, 1)
-    for i, r in _atomic_rows(ipath, ("item_id",), drops, enc[ipath.name]):
+    for i, r in atomic_rows(ipath, ("item_id",), drops, enc[ipath.name]):
         title = _clean(r.get("movie_title", r.get("title", "")))
         year = r.get("release_year", "").strip()
         if title is not None and re.fullmatch(r"\d{4}", year) and not YEAR_AT_END.search(title):
@@ -261,7 +234,7 @@ def read_recbole(input_dir: Path, drops: Drops, encoding: str = "auto"):
             item_lines.append(i)
     items_df = _items_frame(items, item_lines, ipath, ["genres"], bad_items)
     rows, lines, bad = [], [], []
-    for i, r in _atomic_rows(rpath, ("user_id", "item_id", "timestamp"), drops, enc[rpath.name]):
+    for i, r in atomic_rows(rpath, ("user_id", "item_id", "timestamp"), drops, enc[rpath.name]):
         rating = parse_int(r["rating"], "rating", rpath, i) if "rating" in r else 0
         t = _time(r["timestamp"], rpath, i)
         if (ids := _ids([r["user_id"], r["item_id"]], rpath, i, drops, bad)) is not None:

@@ -21,7 +21,8 @@ import math
 import re
 import sys
 import zlib
-from decimal import Decimal
+from datetime import datetime, timezone
+from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 
 import pandas as pd
@@ -169,6 +170,7 @@ def iter_lines(path: Path, encoding: str = "utf-8"):
     """
     codec = check_encoding(encoding)
     utf8 = codec in ("utf-8", "utf-8-sig")
+    i = 0
     try:
         with _open_binary(path) as f:
             for i, raw in enumerate(progress(f, f"reading {path.name}", "lines"), 1):
@@ -192,6 +194,8 @@ def iter_lines(path: Path, encoding: str = "utf-8"):
                     ) from None
                 yield i, line.rstrip("\r\n")
     except (OSError, EOFError, zlib.error) as e:  # e.g. a truncated or fake .gz, a folder, no permission
+        if i:  # lines were read: name where the file breaks off (a .gz that ends early)
+            raise DataPrepError(f"the file breaks off after line {i} ({e})", path, i + 1) from e
         raise DataPrepError(f"cannot read the file ({e})", path) from e
 
 
@@ -208,3 +212,153 @@ def date_to_seconds(date: str, flag: str) -> int:
         return int(pd.Timestamp(date, tz="UTC").timestamp())
     except ValueError as e:
         raise DataPrepError(f"{flag} must be a date like 2016-10-01, got {date!r}") from e
+
+
+# ----------------------------------------------------------------------------- RecBole atomic files
+
+ATOMIC_TYPES = frozenset({"token", "token_seq", "float", "float_seq"})
+
+
+def atomic_header(path: Path, line: str, need: tuple[str, ...]) -> dict[str, int]:
+    """{column name: field index} of a RecBole atomic header (tab-separated ``name:type`` fields)."""
+    fields = line.split("\t")
+    for k, field in enumerate(fields, 1):
+        name, _, kind = field.partition(":")
+        if kind not in ATOMIC_TYPES:
+            what = "has no :type" if not kind else f"has the unknown type {kind!r}"
+            raise DataPrepError(
+                f"column {k} ({field[:40]!r}) of the RecBole atomic header {what} (expected name:type, type "
+                f"one of {', '.join(sorted(ATOMIC_TYPES))}): {line[:80]!r}",
+                path,
+                1,
+            )
+    cols = {f.partition(":")[0]: k for k, f in enumerate(fields)}
+    missing = [c for c in need if c not in cols]
+    if missing:
+        raise DataPrepError(
+            f"the RecBole atomic header has no column {missing[0]!r} (its columns: {', '.join(cols)})",
+            path,
+            1,
+        )
+    return cols
+
+
+def atomic_rows(path: Path, need: tuple[str, ...], drops, encoding: str = "utf-8"):
+    """Yield (line number, {column: value}) of a RecBole atomic file (``.inter``, ``.item``, ...): a
+    ``name:type`` header, then tab-separated fields (``token_seq`` values are space-separated tokens, one
+    field). Blank lines are counted (``blank:<file>``); a line with another number of fields is an error."""
+    lines = iter_lines(path, encoding)
+    first = next(lines, None)
+    if first is None:
+        raise DataPrepError("the file has no header line", path, 1)
+    cols = atomic_header(path, first[1], need)
+    for i, line in lines:
+        if not line.strip():
+            drops.lines[f"blank:{path.name}"] += 1
+            continue
+        f = line.split("\t")
+        if len(f) != len(cols):
+            raise DataPrepError(
+                f"expected {len(cols)} tab-separated fields (as the header), got {len(f)}: {line[:80]!r}",
+                path,
+                i,
+            )
+        yield i, {c: f[k] for c, k in cols.items()}
+
+
+# ----------------------------------------------------------------------------- a time column
+
+NS = 10**9
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class TimeColumn:
+    """Strict reading of one time column, value by value, into exact nanoseconds since the epoch (UTC).
+
+    A column holds one kind of time: numbers (ints, decimal text, JSON / Parquet numbers) in ``unit``
+    ("s" or "ms"; fractions kept), or ISO-8601 strings / Parquet timestamps (with or without a zone: a
+    naive one is UTC, counted in ``naive``). Seconds have at most 10 integer digits, milliseconds at least
+    11 (every time in 1970..2100 reads so): a column that holds both, a number where the column held dates
+    (or the reverse), or values in the other unit than ``unit`` stop the run naming the file, the line and
+    the column, and the line (``where``: "row" for Parquet) of the first value of the other kind. The seconds of every time must lie in
+    [1970-01-01T00:00:01, 2100-01-01) (``check_time``).
+    """
+
+    def __init__(self, column: str, path: Path, unit: str = "s", where: str = "line"):
+        if unit not in ("s", "ms"):
+            raise DataPrepError(f"--time-unit must be s or ms, got {unit!r}")
+        self.column, self.path, self.unit, self.where = column, path, unit, where
+        self.first: dict[str, int] = {}  # kind ("seconds", "milliseconds", "ISO-8601 date") -> first line
+        self.naive = 0
+
+    def _fail(self, message: str, line: int):
+        raise DataPrepError(f"column {self.column!r}: {message}", self.path, line)
+
+    def _kind(self, kind: str, shown, line: int) -> None:
+        self.first.setdefault(kind, line)
+        other = next((k for k in self.first if k != kind), None)
+        if other is not None:
+            self._fail(
+                f"mixed time units: {self.where} {self.first[other]} holds {other}, this {self.where} {kind} "
+                f"({str(shown)[:40]!r}); one column holds one unit",
+                line,
+            )
+
+    def __call__(self, value, line: int) -> int:
+        """The exact time of one value, in nanoseconds since 1970-01-01 UTC."""
+        if isinstance(value, datetime):  # a Parquet timestamp (pandas' Timestamp is a datetime)
+            return self._date(value, value, line)
+        if isinstance(value, str):
+            text = value.strip()
+            if not text or text.lower() in MISSING_ID_TOKENS:
+                self._fail(f"the time is missing ({value!r})", line)
+            if not _NUMBER.fullmatch(text):
+                try:
+                    date = datetime.fromisoformat(text)
+                except ValueError:
+                    self._fail(f"{value[:40]!r} is neither a number nor an ISO-8601 date", line)
+                return self._date(date, value, line)
+            value = Decimal(text)
+        if value is None:
+            self._fail("the time is missing (null)", line)
+        if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+            self._fail(f"the time is a {type(value).__name__}: {str(value)[:40]!r}", line)
+        if isinstance(value, float) and not math.isfinite(value):
+            self._fail(f"the time is {value!r}", line)
+        d = Decimal(value)
+        if not d.is_finite() or d.adjusted() > 18:
+            self._fail(f"the time {str(value)[:40]!r} is not a finite number in range", line)
+        self._kind("milliseconds" if abs(d) >= 10**10 else "seconds", value, line)
+        unit = "milliseconds" if self.unit == "ms" else "seconds"
+        if unit not in self.first:
+            hint = "pass --time-unit ms" if self.unit == "s" else "leave out --time-unit ms"
+            kind = next(iter(self.first))
+            self._fail(f"{str(value)[:40]!r} looks like {kind}, not {unit} ({hint})", line)
+        ns = int((d * (NS if self.unit == "s" else NS // 1000)).to_integral_value(rounding=ROUND_FLOOR))
+        self._check(ns, value, line)
+        return ns
+
+    def _date(self, date: datetime, shown, line: int) -> int:
+        self._kind("ISO-8601 dates", shown, line)
+        if date.tzinfo is None or date.utcoffset() is None:
+            date, self.naive = date.replace(tzinfo=timezone.utc), self.naive + 1
+        delta = date - _EPOCH
+        ns = (delta.days * 86_400 + delta.seconds) * NS + delta.microseconds * 1000
+        if hasattr(date, "nanosecond"):  # pandas' Timestamp keeps nanoseconds
+            ns += date.nanosecond
+        self._check(ns, shown, line)
+        return ns
+
+    def _check(self, ns: int, shown, line: int) -> None:
+        if not MIN_TIME <= ns // NS < MAX_TIME:
+            self._fail(f"{str(shown)[:40]!r} is not a time between 1970 and 2100", line)
+
+    def stats(self) -> dict:
+        """stats.json's note on how the column was read."""
+        kind = next(iter(self.first), "seconds")
+        note = {"column": self.column, "read_as": kind}
+        if kind == "ISO-8601 dates":
+            note["naive_dates_read_as_utc"] = self.naive
+            if self.naive:
+                note["note"] = f"{self.naive} ISO-8601 times without a zone were read as UTC"
+        return note

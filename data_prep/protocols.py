@@ -7,7 +7,8 @@ needs 3 interactions per user) -> items left without interactions.
 
 Time order and ties: each user's interactions are ordered by (timestamp, file order). ML-100K has many
 interactions of one user in the same second; file order is the only information left, and using it
-makes the result deterministic and independent of sort algorithms.
+makes the result deterministic and independent of sort algorithms. (Sources with finer times hand their
+rows in exact-time order, so there "file order" breaks ties by the exact time first: data_prep/common.py.)
 
 Protocols (one sample = user, history of earlier item ids oldest first, target item):
 

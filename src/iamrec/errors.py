@@ -63,6 +63,8 @@ def _ours(err: BaseException) -> bool:
 
 def expected_error(err: BaseException) -> str | None:
     """The one sentence for an expected failure (see the module docstring), or None: keep the traceback."""
+    if _ours(err) and not isinstance(err, OSError):  # e.g. a DataPrepError: no Lightning import for it
+        return one_line(err)
     from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
