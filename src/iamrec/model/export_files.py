@@ -90,13 +90,10 @@ def read_settings(folder: str | Path) -> dict[str, Any]:
     s = read_json(path)
 
     def bad(key: str, want: str) -> ExportError:
-        return ExportError(f"{path}: {key} must be {want}, got {s_get(key)!r}; {AGAIN}.")
-
-    def s_get(key: str) -> Any:
-        where: Any = s
-        for part in key.split("."):
-            where = where.get(part) if isinstance(where, dict) else None
-        return where
+        value: Any = s
+        for part in key.split("."):  # "data.max_length": s["data"]["max_length"]
+            value = value.get(part) if isinstance(value, dict) else None
+        return ExportError(f"{path}: {key} must be {want}, got {value!r}; {AGAIN}.")
 
     if s.get("format") != FORMAT or isinstance(s.get("format"), bool):
         raise ExportError(
@@ -108,9 +105,8 @@ def read_settings(folder: str | Path) -> dict[str, Any]:
         raise bad("lora_merged", "true or false")
     if "num_beams" in s and not _int(s["num_beams"], 1):
         raise bad("num_beams", "an integer >= 1")
-    for key in ("backbone",):
-        if key in s and not isinstance(s[key], str):
-            raise bad(key, "a string")
+    if "backbone" in s and not isinstance(s["backbone"], str):
+        raise bad("backbone", "a string")
     data = s.get("data", {})
     if not isinstance(data, dict):
         raise bad("data", "an object of data settings")
