@@ -6,7 +6,9 @@ to :func:`build_dataset`:
 
 - raw items: ``raw_item_id`` (str), ``title`` (str or None: None means "no usable title"), optional
   text columns, plus ``drop_reason`` (str or None) when the source already decided to drop an item
-  (missing / HTML / long title ...).
+  (missing / HTML / long title ...). Every title is put in Unicode NFC here, whatever the source
+  (``TITLE_NORMALIZATION``, recorded in stats.json as ``title_normalization``): a title typed in
+  decomposed form by a user then finds it (``iamrec.data.histories`` looks titles up in NFC too).
 - raw interactions: ``raw_user_id`` (str), ``raw_item_id`` (str), ``timestamp`` (int64 seconds),
   optional ``rating``; row order = file order (``order`` is added here, 0..N-1). A source whose times are
   finer than seconds (milliseconds, ISO-8601 fractions) hands its rows in (exact time, file order) order
@@ -25,7 +27,8 @@ The processed contract, written to the output folder (read only through ``iamrec
     samples.parquet       user_id, history (list of item_id, oldest first), target, target_timestamp,
                           split (train / valid / test); a sample's row number is its ``sample_index``
     stats.json            protocol, raw / kept counts, every dropped row by reason, samples per split,
-                          sha256 (and size) of every input and output file: the loader checks them
+                          title_normalization ("NFC"), sha256 (and size) of every input and output
+                          file: the loader checks them
 
 Writing (``data_prep.output``): everything is built in memory first, then the folder is written whole,
 under its lock, and swapped in atomically; a reader sees the old folder or the new one, never a mix.
@@ -34,6 +37,7 @@ under its lock, and swapped in atomically; a reader sees the old folder or the n
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,6 +71,8 @@ from iamrec.errors import OK, guarded
 ITEM_BASE = [("item_id", pa.int64()), ("title", pa.string()), ("raw_item_id", pa.string())]
 USERS_SCHEMA = pa.schema([("user_id", pa.int64()), ("raw_user_id", pa.string())])
 INTER_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64())])
+# The Unicode normal form of every written title (stats.json's "title_normalization").
+TITLE_NORMALIZATION = "NFC"
 SAMPLES_SCHEMA = pa.schema(
     [
         ("user_id", pa.int64()),
@@ -106,6 +112,7 @@ def build_dataset(
     drops = drops or Drops()
     if "drop_reason" not in items:
         items = items.assign(drop_reason=None)
+    items = items.assign(title=items["title"].map(_normalize_title))
     raw = {
         "users": int(interactions["raw_user_id"].nunique()),
         "items": int(len(items)),
@@ -125,6 +132,7 @@ def build_dataset(
     samples = _samples(dense, cfg, out)
     files = _parquet_files(items_out, users_out, dense, samples)
     stats = {"source": source, "protocol": cfg.as_dict(), "raw": raw}
+    stats["title_normalization"] = TITLE_NORMALIZATION
     stats |= _kept_stats(items_out, dense, users_out, samples, cfg, drops)
     stats.update(extra_stats or {})
     encodings = encodings or {}
@@ -139,6 +147,11 @@ def build_dataset(
         with locked_output(out) as locked:
             write_output(locked, files)
     return stats
+
+
+def _normalize_title(title):
+    """A title in `TITLE_NORMALIZATION` (None and other non-strings, "no usable title", stay as they are)."""
+    return unicodedata.normalize(TITLE_NORMALIZATION, title) if isinstance(title, str) else title
 
 
 def _dense_ids(

@@ -225,7 +225,9 @@ def test_empty_test_split_is_reported(tmp_path):
 
 def test_ckpt_path_best_names_best_ckpt(tmp_path):
     from iamrec.run_checkpoints import resolve_ckpt_path
+    from iamrec.run_folder import CheckpointError
 
-    assert resolve_ckpt_path("test", "best", str(tmp_path)) == "best"  # none yet: Lightning's own rule
+    with pytest.raises(CheckpointError, match=r"test --ckpt_path best: there is no checkpoint .*best\.ckpt"):
+        resolve_ckpt_path("test", "best", str(tmp_path))  # none yet: one sentence, not Lightning's rule
     (tmp_path / "best.ckpt").write_bytes(b"")
     assert resolve_ckpt_path("test", "best", str(tmp_path)) == str(tmp_path / "best.ckpt")

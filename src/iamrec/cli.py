@@ -1,15 +1,23 @@
 """`iamrec fit | validate | test | predict --config FILE [--key.path=value ...]` (LightningCLI), and
-`iamrec export --ckpt_path FILE --out DIR` (a merged Hugging Face folder, `iamrec.model.export`).
+`iamrec export --ckpt_path FILE --out DIR [--replace]` (a merged Hugging Face folder, written atomically,
+`iamrec.model.export`).
 
 The backbone is named once (`model.backbone`) and linked to the tokenizer of the data module.
 
 Checkpoints: `fit` writes ``<trainer.default_root_dir>/checkpoints/last.ckpt`` every
 ``checkpoint.every_n_train_steps`` optimizer steps (default `CHECKPOINT_EVERY`; 0: only at the end) and
-when training ends, atomically (`iamrec.run_checkpoints.RunCheckpoint`), and ``best.ckpt`` beside it after each
-validation that lowers ``val/loss`` (``best_checkpoint.*``; ``--ckpt_path best`` names it). ``--ckpt_path last`` resumes it
-exactly: the same remaining batches (`IAMDataModule.state_dict`) and dropout masks
-(`IAMRecModule.on_train_batch_start`) as an uninterrupted run. Without a checkpoint ``--ckpt_path last``
-makes `fit` start from step 0 (a notice says so) and stops `test`/`validate` (exit 2, nothing written).
+when training ends, atomically (`iamrec.run_checkpoints.RunCheckpoint`), and ``best.ckpt`` beside it after
+each validation that lowers ``val/loss`` (``best_checkpoint.*``; ``--ckpt_path best`` names it; a fit
+without validation writes none, and ``--ckpt_path best`` then stops with one sentence saying so).
+``--ckpt_path last`` resumes it exactly: the same remaining batches (`IAMDataModule.state_dict`) and
+dropout masks (`IAMRecModule.on_train_batch_start`) as an uninterrupted run. Without a checkpoint
+``--ckpt_path last`` makes `fit` start from step 0 (a notice says so) and stops `test`/`validate` (exit 2,
+nothing written).
+
+A checkpoint knows its data: it records the fingerprint of the catalogue it was trained on
+(`iamrec.data.fingerprint`), and every command given a checkpoint file refuses a ``data.data_dir`` with
+another catalogue (one sentence naming both folders, exit 2, nothing written) unless
+``--allow_other_catalogue true``; a checkpoint saved before fingerprints gets a notice.
 
 Optimizer: AdamW and the schedule of ``model.scheduler`` / ``model.warmup_steps``
 (`IAMRecModule.configure_optimizers`); LightningCLI's ``--optimizer`` / ``--lr_scheduler`` are refused
@@ -47,6 +55,7 @@ from iamrec.cli_base import (
     run_cli,
 )
 from iamrec.data import IAMDataModule
+from iamrec.data.fingerprint import CATALOGUE_KEY, check_catalogue
 from iamrec.errors import guarded
 from iamrec.lit_module import IAMRecModule
 from iamrec.model.export import export_model
@@ -93,6 +102,13 @@ class IAMRecCLI(RunFolderCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.backbone", "data.tokenizer")
+        parser.add_argument(
+            "--allow_other_catalogue",
+            type=bool,
+            default=False,
+            help="Use a checkpoint with a data.data_dir whose catalogue (items.parquet) is not the one it was "
+            "trained on; refused by default (its item ids would name other items).",
+        )
         # <root>/checkpoints/last.ckpt every checkpoint.every_n_train_steps and at the end: `--ckpt_path last`
         add_run_checkpoint(parser, save_top_k=0, every_n_train_steps=CHECKPOINT_EVERY)
         # `predict` writes recommendations.jsonl: --recommend.top_k (idle in the other subcommands)
@@ -101,6 +117,19 @@ class IAMRecCLI(RunFolderCLI):
         parser.add_lightning_class_args(StageTimer, "timing")
         # <root>/checkpoints/best.ckpt: the weights at the lowest val/loss so far (`--ckpt_path best`)
         add_best_checkpoint(parser, monitor="val/loss", mode="min")
+
+    def check_checkpoint_data(self, sub: str, path: str, ckpt: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained on another catalogue than ``data.data_dir``'s (one sentence naming
+        both folders) unless ``--allow_other_catalogue true``; a checkpoint without a fingerprint gets a
+        notice (`iamrec.data.fingerprint`)."""
+        config = self.config[sub]
+        data_dir = config.get("data.data_dir")
+        if data_dir is None:
+            return
+        allow = bool(config.get("allow_other_catalogue"))
+        said = check_catalogue(ckpt.get(CATALOGUE_KEY), data_dir, path, allow, "--allow_other_catalogue true")
+        if said:
+            self.notice(said)
 
     def after_predict(self) -> None:
         """Report the histories-file lines that got no recommendations; exit status 1 if any."""
@@ -140,6 +169,11 @@ def export(args: list[str]) -> None:
     parser.add_argument("--ckpt_path", required=True, help="last.ckpt of an iamrec fit, or its run folder")
     parser.add_argument("--out", required=True, help="a new (or empty) folder")
     parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace an earlier export in --out (atomically: a failed export leaves it intact)",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -158,10 +192,11 @@ def export(args: list[str]) -> None:
             "num_beams": hp.num_beams,
             "lora": hp.lora,
             "data": recorded_data(data),
+            "catalogue": data.get("catalogue"),  # the fingerprint of the catalogue it was trained on
         }
         tokenizer = load_tokenizer(data.get("tokenizer") or hp.backbone)
         config = ItemAttentionConfig(**attention)
-        out = export_model(module.model, tokenizer, config, ns.out, settings)
+        out = export_model(module.model, tokenizer, config, ns.out, settings, replace=ns.replace)
         print(f"exported {ns.ckpt_path} to {out} (item attention: {asdict(config)})")
         return out
 

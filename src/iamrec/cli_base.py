@@ -80,9 +80,10 @@ class RunFolderCLI(LightningCLI):
                     f"note: {last} exists and this fit starts from step 0; it replaces that checkpoint at its "
                     "first save (--ckpt_path last resumes it instead)."
                 )
-        if path is None or path in ("best", "hpc") or not Path(path).is_file():
-            return  # nothing, a special value Lightning resolves, or a (sharded) checkpoint folder
+        if path is None or path == "hpc" or not Path(path).is_file():
+            return  # nothing, the value Lightning resolves, or a (sharded) checkpoint folder
         ckpt = load_checkpoint_header(path, resume=sub == "fit")
+        self.check_checkpoint_data(sub, path, ckpt)
         self._apply_checkpoint_hparams(sub, path, ckpt)
         if sub == "fit":
             self.notice(f"resuming {path} at step {ckpt.get('global_step', '?')}.")
@@ -93,6 +94,10 @@ class RunFolderCLI(LightningCLI):
                         "the resumed run restarts its epoch's batches from the beginning."
                     )
                 warnings.filterwarnings("ignore", message=_RESUME_WARNING)  # the datamodule resumes its order
+
+    def check_checkpoint_data(self, sub: str, path: str, ckpt: dict[str, Any]) -> None:
+        """Check the checkpoint against the data the command was given, before anything is built (a
+        subclass's rule; none here)."""
 
     def notice(self, text: str) -> None:
         """A line on stderr, from the first process only (DDP re-runs the command in every process)."""

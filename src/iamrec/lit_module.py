@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from iamrec.attention import ItemAttentionConfig, base_model, describe, installed_state
 from iamrec.data import IGNORE_INDEX
 from iamrec.data.collate import target_positions
+from iamrec.data.fingerprint import CATALOGUE_KEY
 from iamrec.decoding import TitleTrie, constrained_beam_search, search, top_recommendations
 from iamrec.metrics import RankingMetrics, gather_samples, rank_of_target
 from iamrec.model import LoraConfig, build_model
@@ -349,7 +350,11 @@ class IAMRecModule(L.LightningModule):
 
     # ------------------------------------------------------------------ adapter-only checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """With LoRA keep only trainable weights: the base is rebuilt from `backbone` (in hparams)."""
+        """With LoRA keep only trainable weights: the base is rebuilt from `backbone` (in hparams). Every
+        checkpoint records the fingerprint of the catalogue it was trained on (`iamrec.data.fingerprint`)."""
+        record = getattr(self._trainer.datamodule if self._trainer is not None else None, "catalogue", None)
+        if record:
+            checkpoint[CATALOGUE_KEY] = record
         if self.hparams.lora:
             trainable = {_unwrapped(n) for n, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

@@ -24,6 +24,7 @@ item (the end of `make demo`).
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,13 @@ from transformers import PreTrainedTokenizerBase
 
 from iamrec.attention import base_model
 from iamrec.data import Collator, PromptEncoder, PromptTemplate, eval_subset_rows, load_items, load_samples
+from iamrec.data.encoding import check_titles_sayable
+from iamrec.data.fingerprint import CATALOGUE_KEY, check_catalogue
 from iamrec.data.histories import Catalogue, UnknownItemError, encode_history, longest_answer
 from iamrec.decoding import Recommendation, TitleTrie, search, top_recommendations
 from iamrec.errors import guarded
 from iamrec.lit_module import IAMRecModule
-from iamrec.model.export import load_exported
+from iamrec.model.export import load_exported, read_settings
 from iamrec.model.loading import load_tokenizer
 from iamrec.run_checkpoints import load_checkpoint_header
 from iamrec.run_folder import CheckpointError, last_checkpoint
@@ -70,7 +73,8 @@ def recorded_data(data: Mapping[str, Any]) -> dict[str, Any]:
 def load_trained(path: str | Path, num_beams: int | None = None, seed: int = 0):
     """(IAMRecModule with the checkpoint's weights, the data module's recorded settings) of an `iamrec fit`
     checkpoint or of a run folder holding ``checkpoints/last.ckpt`` (see `Recommender.from_checkpoint`
-    for `seed`)."""
+    for `seed`). The settings hold ``catalogue`` too: the checkpoint's catalogue record
+    (`iamrec.data.fingerprint`; None when it predates them)."""
     path = Path(path)
     if path.is_dir():
         path = last_checkpoint(path)
@@ -78,6 +82,7 @@ def load_trained(path: str | Path, num_beams: int | None = None, seed: int = 0):
         raise CheckpointError(f"{path}: no such checkpoint file.")
     header = load_checkpoint_header(path, resume=False)
     data = dict(header.get("datamodule_hyper_parameters") or {})
+    data["catalogue"] = header.get(CATALOGUE_KEY)
     overrides = {"num_beams": num_beams} if num_beams is not None else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -138,6 +143,7 @@ class Recommender:
         device: str | torch.device = "cpu",
         num_beams: int | None = None,
         seed: int = 0,
+        allow_other_catalogue: bool = False,
     ) -> Recommender:
         """The model of an `iamrec fit` checkpoint (its hyper-parameters rebuild it, then its weights load)
         with the catalogue and prompt settings of the data module it was trained with.
@@ -150,6 +156,9 @@ class Recommender:
             seed: Seeds the weights the checkpoint does not hold: only a LoRA checkpoint of the random
                 ``tiny`` backbones (tests) lacks base weights; training drew them after
                 ``seed_everything`` (0 in the shipped configs).
+            allow_other_catalogue: Use a `data_dir` whose catalogue is not the one the checkpoint was
+                trained on (refused by default: a `CatalogueMismatchError` names both folders, since the
+                model's item ids would name other items; see `iamrec.data.fingerprint`).
         """
         module, data = load_trained(path, num_beams, seed)
         data_dir = data_dir or data.get("data_dir")
@@ -158,6 +167,11 @@ class Recommender:
                 f"{path} records no data folder (it predates recorded data settings); pass data_dir= "
                 "(the processed dataset it was trained on)."
             )
+        said = check_catalogue(
+            data.get("catalogue"), data_dir, path, allow_other_catalogue, "allow_other_catalogue=True"
+        )
+        if said:
+            warnings.warn(said, stacklevel=2)
         model = module.model.to(device)
         tokenizer = load_tokenizer(data.get("tokenizer") or module.hparams.backbone)
         return cls._with_data(model, tokenizer, data_dir, data, module.hparams.num_beams)
@@ -169,15 +183,20 @@ class Recommender:
         data_dir: str | Path | None = None,
         device: str | torch.device = "cpu",
         num_beams: int | None = None,
+        allow_other_catalogue: bool = False,
     ) -> Recommender:
-        """The model of an `iamrec export` folder (`iamrec.model.load_exported`), with the data settings
-        it records; `data_dir` defaults to the one it was trained on."""
-        model, tokenizer, settings = load_exported(folder)
-        data = settings.get("data", {})
+        """The model of an `iamrec export` folder (`iamrec.model.load_exported`: every file checked), with
+        the data settings it records; `data_dir` defaults to the one it was trained on, and its catalogue
+        must be the one the model was trained on unless `allow_other_catalogue` (see `from_checkpoint`)."""
+        data = read_settings(folder).get("data", {})
         data_dir = data_dir or data.get("data_dir")
         if data_dir is None:
             raise ValueError(f"{folder} records no data folder; pass data_dir= (the processed dataset).")
-        return cls._with_data(model.to(device), tokenizer, data_dir, data, num_beams or settings["num_beams"])
+        model, tokenizer, settings = load_exported(
+            folder, data_dir=data_dir, allow_other_catalogue=allow_other_catalogue
+        )
+        beams = num_beams or settings.get("num_beams") or 20
+        return cls._with_data(model.to(device), tokenizer, data_dir, data, beams)
 
     @classmethod
     def _with_data(cls, model, tokenizer, data_dir, data: dict[str, Any], num_beams: int) -> Recommender:
@@ -185,6 +204,7 @@ class Recommender:
         template = settings["template"]
         template = PromptTemplate(**template) if isinstance(template, dict) else template
         titles = load_items(data_dir)["title"].tolist()
+        check_titles_sayable(tokenizer, titles, str(Path(data_dir) / "items.parquet"))
         return cls(
             model,
             tokenizer,

@@ -39,11 +39,20 @@ def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, dirpath: str | Non
     """`--ckpt_path` as the command will use it. ``last`` becomes ``<dirpath>/last.ckpt``; when there is
     none, `fit` gets None (it starts from step 0; the caller says so) and the other commands a
     `CheckpointError` (rather than evaluating an untrained model). ``best`` becomes
-    ``<dirpath>/best.ckpt`` when there is one (else Lightning resolves it). A path that does not exist is
-    a `CheckpointError`."""
-    if ckpt_path == "best" and (Path(dirpath or CHECKPOINTS) / BEST_CHECKPOINT).is_file():
-        return str(Path(dirpath or CHECKPOINTS) / BEST_CHECKPOINT)
-    if ckpt_path is None or ckpt_path in ("best", "hpc"):
+    ``<dirpath>/best.ckpt``; without one it is a `CheckpointError` saying how to get one (Lightning would
+    look for the best checkpoint of this process's own fit and say something misleading). A path that
+    does not exist is a `CheckpointError`."""
+    if ckpt_path == "best":
+        best = Path(dirpath or CHECKPOINTS) / BEST_CHECKPOINT
+        if best.is_file():
+            return str(best)
+        raise CheckpointError(
+            f"{subcommand} --ckpt_path best: there is no checkpoint {best} (a fit writes it after each "
+            "validation that improves its monitored metric, so only a fit with validation has one: "
+            "trainer.limit_val_batches > 0 and best_checkpoint.save_top_k >= 1); run such a fit, or pass "
+            "--ckpt_path last or a checkpoint file."
+        )
+    if ckpt_path is None or ckpt_path == "hpc":
         return ckpt_path
     if ckpt_path != "last":
         if not Path(ckpt_path).exists():

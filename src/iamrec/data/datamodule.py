@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -35,7 +36,8 @@ from iamrec.data.dataset import (
     load_samples,
     subset_rows,
 )
-from iamrec.data.encoding import PromptEncoder
+from iamrec.data.encoding import PromptEncoder, check_titles_sayable
+from iamrec.data.fingerprint import catalogue_record
 from iamrec.data.histories import (
     Catalogue,
     HistoryDataset,
@@ -147,6 +149,7 @@ class IAMDataModule(L.LightningDataModule):
         self.datasets: dict[str, SampleDataset] = {}
         self._samples: Samples | None = None
         self._resume: dict[str, Any] | None = None  # the train position of a loaded checkpoint
+        self._titles_checked = False
 
     # --- catalogue (lazy) ----------------------------------------------------------------------------
     @cached_property
@@ -172,6 +175,12 @@ class IAMDataModule(L.LightningDataModule):
         """The catalogue tokenized once (see `iamrec.data.encoding`)."""
         return PromptEncoder(self.tokenizer, self.template, self.titles, self.max_items, self.max_length)
 
+    @cached_property
+    def catalogue(self) -> dict[str, str] | None:
+        """The catalogue's fingerprint and folder (`iamrec.data.fingerprint.catalogue_record`), taken at
+        `setup`; the LightningModule records it in every checkpoint."""
+        return catalogue_record(self.data_dir)
+
     @property
     def answer_token_ids(self) -> list[list[int]]:
         """Per item id: the answer tokens + EOS, exactly as trained (`PromptEncoder.answer_ids`, built by `encode_answers`); for the trie."""
@@ -194,8 +203,13 @@ class IAMDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def setup(self, stage: str | None = None) -> None:
-        """Load and check the files and build the datasets `stage` needs (all splits when None)."""
+        """Load and check the files and build the datasets `stage` needs (all splits when None). A title
+        whose tokens include a special token of the tokenizer is refused here (`check_titles_sayable`)."""
         check_data_dir(self.data_dir)
+        if not self._titles_checked:  # a title holding a special token could never be decoded
+            check_titles_sayable(self.tokenizer, self.titles, str(Path(self.data_dir) / "items.parquet"))
+            self._titles_checked = True
+        _ = self.catalogue
         needs = {
             "fit": ("train", "valid"),
             "validate": ("valid",),

@@ -57,6 +57,35 @@ class SequenceTooLongError(ValueError):
     """A sample does not fit `max_length` even with no history items."""
 
 
+class TitleTokenError(ValueError):
+    """A catalogue title whose tokens include a special token of the tokenizer (the model cannot say it)."""
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The ids of the tokenizer's special tokens: BOS, EOS, pad, unk, the additional and added special ones."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+
+
+def check_titles_sayable(tokenizer: PreTrainedTokenizerBase, titles: Sequence[str], where: str) -> None:
+    """Refuse (`TitleTokenError`, one sentence naming the item id, its title and the token) a title whose
+    tokens include a special token: the tokenizer turns such text (``</s>``, ``<|im_end|>`` ...) into the
+    special token itself, so the answer would hold an EOS or a control token that decoding cannot give
+    back as part of a title. `where` names the catalogue (items.parquet)."""
+    special = special_token_ids(tokenizer)
+    if not special or not titles:
+        return
+    for item_id, ids in enumerate(_ids(tokenizer, list(titles))):
+        hit = next((t for t in ids if t in special), None)
+        if hit is not None:
+            token = tokenizer.convert_ids_to_tokens(hit)
+            raise TitleTokenError(
+                f"{where}: item {item_id} has the title {titles[item_id]!r}, whose tokens include the "
+                f"tokenizer's special token {token!r}, so the model could never say that title; rewrite or "
+                "drop it and re-run the data prep."
+            )
+
+
 def _split_trailing_spaces(text: str) -> tuple[str, str]:
     core = text.rstrip(" ")
     return core, text[len(core) :]

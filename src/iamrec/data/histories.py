@@ -1,14 +1,16 @@
 """Histories given by a user (a JSONL file or a Python list) -> item ids -> prompts, as training wrote them.
 
-A history is a list whose elements are item titles (strings, exactly as in items.parquet) or item ids
-(integers, the ``item_id`` of items.parquet), oldest first; both may be mixed. The histories file of
+A history is a list whose elements are item titles (strings, as in items.parquet up to surrounding spaces
+and Unicode normalisation: a title typed in decomposed form, "e" + U+0301, finds the catalogue's "é"; both
+sides are compared in NFC) or item ids (integers, Python's or numpy's: the ``item_id`` of items.parquet),
+oldest first; both may be mixed. The histories file of
 ``iamrec predict --data.predict_file FILE`` is JSONL, one object per line::
 
     {"history": ["Toy Story (1995)", "Heat (1995)"]}
     {"user": "alice", "history": [0, 49]}
 
-``user`` (optional, any JSON string or number) is echoed back with the line's recommendations. Blank
-lines are skipped; line numbers count every line of the file from 1. A line that is not such an object,
+``user`` (optional, any JSON string or number) is echoed back with the line's recommendations. An object
+holding the same key twice is refused (which one would count is ambiguous). Blank lines are skipped; line numbers count every line of the file from 1. A line that is not such an object,
 or that names an item the catalogue lacks, is one `HistoryLineError` (its line number and one sentence);
 the other lines are still used.
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import numbers
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,14 @@ from iamrec.data.encoding import PromptEncoder
 
 # How many catalogue titles an unknown title's error suggests.
 CLOSE_MATCHES = 3
+# The Unicode normal form titles are compared in (data prep writes titles in it too: stats.json's
+# "title_normalization").
+TITLE_NORMALIZATION = "NFC"
+
+
+def normalize_title(title: str) -> str:
+    """`title` stripped of surrounding spaces, in `TITLE_NORMALIZATION`."""
+    return unicodedata.normalize(TITLE_NORMALIZATION, title.strip())
 
 
 class UnknownItemError(ValueError):
@@ -67,25 +79,30 @@ class Catalogue:
     Args:
         titles: Item titles indexed by item id (`IAMDataModule.titles`). A title shared by several items
             (ML-100K has 18 such groups) resolves to the smallest of their ids: the prompt holds only the
-            title, so every one of them gives the same prompt.
+            title, so every one of them gives the same prompt. Titles are looked up in NFC
+            (`normalize_title`), whatever form the catalogue or the user wrote them in.
     """
 
     def __init__(self, titles: Sequence[str]) -> None:
         self.titles = list(titles)
         self._ids: dict[str, int] = {}
         for item_id, title in enumerate(self.titles):
-            self._ids.setdefault(title, item_id)
+            self._ids.setdefault(normalize_title(title), item_id)
 
     def __len__(self) -> int:
         return len(self.titles)
 
     def close_titles(self, title: str, n: int = CLOSE_MATCHES) -> list[str]:
         """The `n` catalogue titles closest to `title` (difflib), best first; case is ignored."""
-        folded = {t.casefold(): t for t in reversed(self.titles)}
-        return [folded[t] for t in difflib.get_close_matches(title.casefold(), list(folded), n=n, cutoff=0.4)]
+        folded = {normalize_title(t).casefold(): t for t in reversed(self.titles)}
+        wanted = normalize_title(title).casefold()
+        return [folded[t] for t in difflib.get_close_matches(wanted, list(folded), n=n, cutoff=0.4)]
 
     def item_id(self, item: Any) -> int:
-        """The item id of a title (exact, surrounding spaces ignored) or of an id; `UnknownItemError` else."""
+        """The item id of a title (exact up to surrounding spaces and NFC) or of an id (a Python or numpy
+        integer); `UnknownItemError` else."""
+        if isinstance(item, numbers.Integral) and not isinstance(item, (bool, int)):
+            item = int(item)  # numpy's integers (np.bool_ is no Integral)
         if isinstance(item, bool) or not isinstance(item, (int, str)):
             raise UnknownItemError(
                 f"history element {item!r} is neither an item title (a string) nor an item id (an integer)."
@@ -96,7 +113,7 @@ class Catalogue:
                     f"item id {item} is not in the catalogue (ids 0..{len(self.titles) - 1})."
                 )
             return item
-        found = self._ids.get(item.strip())
+        found = self._ids.get(normalize_title(item))
         if found is None:
             close = self.close_titles(item)
             hint = (
@@ -108,12 +125,25 @@ class Catalogue:
         return found
 
     def resolve(self, history: Sequence[Any]) -> tuple[int, ...]:
-        """Item ids of a history of titles and/or ids (`UnknownItemError` at the first unknown one)."""
+        """Item ids of a history of titles and/or ids (`UnknownItemError` at the first unknown one); a 1-D
+        numpy array of ids is a history too."""
+        if getattr(history, "ndim", None) == 1 and hasattr(history, "tolist"):
+            history = history.tolist()
         if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
             raise UnknownItemError(
                 f"a history is a list of item titles or ids, got {type(history).__name__} {history!r}."
             )
         return tuple(self.item_id(item) for item in history)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads`'s object hook: a key given twice is an error, not "the last one wins"."""
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise UnknownItemError(f"the key {key!r} appears twice in one JSON object; give it once.")
+        record[key] = value
+    return record
 
 
 def read_histories(path: str | Path, catalogue: Catalogue) -> tuple[list[History], list[HistoryLineError]]:
@@ -136,7 +166,7 @@ def read_histories(path: str | Path, catalogue: Catalogue) -> tuple[list[History
         user = None
         try:
             try:
-                record = json.loads(text)
+                record = json.loads(text, object_pairs_hook=_no_duplicate_keys)
             except json.JSONDecodeError as err:
                 raise UnknownItemError(f"not a JSON object ({err.msg} at column {err.colno}).") from None
             if not isinstance(record, dict) or not isinstance(record.get("history"), list):
