@@ -205,7 +205,7 @@ def test_cpu_profile_resolves_as_before(in_repo) -> None:
 def _fake_stages(calls: list[list[str]]):
     """Stand-in for the fit/test subprocesses: writes last.ckpt on fit and the test outputs on test."""
 
-    def run(argv, log=None):
+    def run(argv, log=None, tag=""):
         calls.append(argv)
         if log is not None:
             with open(log, "a") as f:
@@ -488,7 +488,7 @@ def test_a_failed_cell_seed_does_not_stop_the_others(workspace: Path, monkeypatc
     calls: list[list[str]] = []
     fake = _fake_stages(calls)
 
-    def run(argv, log=None):
+    def run(argv, log=None, tag=""):
         if argv[3] == "fit" and "--config=configs/table2/ml100k/hatllm.yaml" in argv:
             raise subprocess.CalledProcessError(1, argv)
         return fake(argv, log)
@@ -547,7 +547,7 @@ def test_jobs_run_cell_seeds_side_by_side(workspace: Path, monkeypatch) -> None:
     fake = _fake_stages(calls)
     lock, alive, most, started = threading.Lock(), [0], [0], []
 
-    def run(argv, log=None):
+    def run(argv, log=None, tag=""):
         with lock:
             alive[0] += 1
             most[0] = max(most[0], alive[0])

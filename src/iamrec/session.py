@@ -32,8 +32,14 @@ into a checkout adds its cell-seeds there, to be committed.
 
 `merge` unpacks several sittings' archives into the runs root (``<runs-root>/<profile>/<table>``) and
 rebuilds each table's report over every finished run. A cell-seed found twice keeps the copy with a
-``DONE``; two finished copies must agree (same test metrics and predictions), else it is an error naming
-both; unfinished copies are not merged (their logs stay in the archive).
+``DONE``; of two finished copies with different results the first seen is kept (the runs root's, then the
+archives in order; GPU runs are not bit-reproducible across sittings) and the merge says which it kept and
+which it ignored; unfinished copies are not merged (their logs stay in the archive). Archives are untrusted:
+each is checked whole (paths, sizes, manifest) before anything of it is written (`iamrec.tables.archive`).
+
+`--archive` must not be one of `--resume` (a sitting never overwrites an archive it reads). `run`, `merge`
+and `python -m iamrec.reproduce` take the runs root's writer lock: a second writer refuses while the first
+runs (`iamrec.tables.writer`).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from iamrec.errors import guarded
 from iamrec.tables.archive import merge
 from iamrec.tables.plan import PROFILES, RUNS_ROOT, TABLES
 from iamrec.tables.sitting import SKIPPABLE, Sitting, run_sitting
+from iamrec.tables.writer import runs_lock
 
 PROGRAM = "iamrec.session"
 
@@ -90,9 +97,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     m.add_argument("--runs-root", default=str(RUNS_ROOT), help="where the runs go (default results/runs)")
     args = p.parse_args(argv)
     if args.command == "merge":
-        guarded(lambda: merge(args.archives, args.runs_root), PROGRAM)
+        guarded(lambda: _merge(args.archives, args.runs_root), PROGRAM)
         return
     raise SystemExit(guarded(lambda: run_sitting(_sitting(args, argv)), PROGRAM))
+
+
+def _merge(archives: Sequence[str], runs_root: str) -> None:
+    with runs_lock(runs_root):  # one writer: no `reproduce` or sitting in these runs meanwhile
+        merge(archives, runs_root)
 
 
 def _sitting(args: argparse.Namespace, argv: Sequence[str] | None) -> Sitting:

@@ -11,6 +11,8 @@ over SASRec's). A cell's settings are resolved by the same jsonargparse parser i
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import shlex
 import sys
 import warnings
@@ -292,6 +294,25 @@ def command(
     return " ".join(parts)
 
 
+def check_numbers(minutes: float | None, jobs: int | None, seeds: Sequence[int]) -> None:
+    """`--minutes` finite and >= 0, `--jobs` >= 1, `--seeds` whole numbers >= 0 (`reproduce` and `session
+    run` alike); else a ValueError naming the flag."""
+    if minutes is not None:
+        try:
+            finite = math.isfinite(float(minutes)) and not isinstance(minutes, bool)
+        except (TypeError, ValueError):
+            finite = False
+        if not finite or float(minutes) < 0:
+            raise ValueError(f"--minutes must be a finite number of minutes >= 0, got {minutes!r}.")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, numbers.Integral) or jobs < 1):
+        raise ValueError(f"--jobs must be at least 1, got {jobs!r}.")
+    if not seeds:
+        raise ValueError("--seeds needs at least one seed.")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"--seeds must be whole numbers >= 0, got {seed!r}.")
+
+
 @dataclass(frozen=True)
 class TableRun:
     """The settings of one `reproduce` run of a table (what `python -m iamrec.reproduce` takes).
@@ -319,8 +340,7 @@ class TableRun:
         set_("methods", tuple(self.methods) if self.methods else None)
         set_("root", Path(self.root or default_root(self.profile, self.table)))
         set_("out", Path(self.out or default_out(self.profile, self.table)))
-        if self.jobs is not None and self.jobs < 1:
-            raise ValueError(f"--jobs must be at least 1, got {self.jobs}.")
+        check_numbers(self.minutes, self.jobs, self.seeds)
         unknown = sorted(set(self.methods or ()) - set(TABLES[self.table])) if self.table in TABLES else []
         if unknown:
             raise ValueError(

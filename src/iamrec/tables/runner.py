@@ -46,6 +46,7 @@ from iamrec.tables.plan import (
     stage_commands,
 )
 from iamrec.tables.report import table_report
+from iamrec.tables.writer import popen, runs_lock
 
 _RUNNING: dict[subprocess.Popen, str] = {}  # stage processes alive now -> their cell-seed's name
 _RUNNING_LOCK = threading.Lock()
@@ -65,11 +66,15 @@ _CELL_SEED = threading.local()  # the cell-seed a thread runs (`run_seed`), so i
 def _call(argv: list[str], log: Path | None = None) -> None:
     """Run one stage; its output goes to the console, or appended to `log` (parallel cell-seeds)."""
     with open(log, "ab") if log is not None else contextlib.nullcontext() as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if out is not None else None)
+        # dies with this process (SIGKILL included) and stays in its process group (Ctrl-C reaches it)
+        proc = popen(argv, stdout=out, stderr=subprocess.STDOUT if out is not None else None)
         with _RUNNING_LOCK:
             _RUNNING[proc] = getattr(_CELL_SEED, "name", "")
         try:
             code = proc.wait()
+        except BaseException:  # SIGTERM (SystemExit) or Ctrl-C while waiting here: the stage goes too
+            _stop([proc], grace=30.0)
+            raise
         finally:
             with _RUNNING_LOCK:
                 _RUNNING.pop(proc, None)
@@ -82,6 +87,11 @@ def stop_running(grace: float = 30.0, tag: str | None = None) -> None:
     half: checkpoints are atomic), then SIGKILL the ones still alive after `grace` seconds."""
     with _RUNNING_LOCK:
         procs = [p for p, t in _RUNNING.items() if tag is None or t == tag]
+    _stop(procs, grace)
+
+
+def _stop(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM, then SIGKILL what is still alive after `grace` seconds."""
     for proc in procs:
         with contextlib.suppress(OSError):
             proc.terminate()
@@ -91,6 +101,8 @@ def stop_running(grace: float = 30.0, tag: str | None = None) -> None:
             proc.wait(timeout=max(end - time.time(), 0.1))
         except subprocess.TimeoutExpired:
             proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
 
 
 def run_seed(
@@ -366,7 +378,14 @@ class TableRunner:
             table_report(self.run, self.expected, self.left, self.failed)
 
     def __call__(self) -> str:
-        """Returns the plan (dry run) or the report's markdown; `CellFailed` when some cell-seeds failed."""
+        """Returns the plan (dry run) or the report's markdown; `CellFailed` when some cell-seeds failed.
+        A run (not a dry one) holds the runs root's writer lock (`iamrec.tables.writer`)."""
+        if self.run.dry_run:
+            return self.table()
+        with runs_lock(self.run.root):
+            return self.table()
+
+    def table(self) -> str:
         self.check_inputs()
         budgeted = self.run.minutes is not None
         if (self.run.jobs or 1) > 1 and not self.run.dry_run and not budgeted:

@@ -28,7 +28,8 @@ import yaml
 
 from iamrec import run_folder
 from iamrec.tables.archive import SessionError, merge, pack
-from iamrec.tables.plan import PROFILES, RUNS_ROOT, default_out, default_root, plan
+from iamrec.tables.plan import PROFILES, RUNS_ROOT, check_numbers, default_out, default_root, plan
+from iamrec.tables.writer import popen, runs_lock
 
 SESSIONS = RUNS_ROOT / "sessions"
 MODEL = ".assets/models/SmolLM2-135M-Instruct"
@@ -129,7 +130,7 @@ class Session:
             out.write(f"$ {' '.join(map(str, argv))}\n")
             out.flush()
             try:
-                proc = subprocess.Popen(
+                proc = popen(  # dies with the sitting (Linux), in a process group of its own
                     [str(a) for a in argv],
                     stdout=out,
                     stderr=subprocess.STDOUT,
@@ -227,6 +228,22 @@ class Sitting:
             )
         for table in self.tables:
             plan(table, self.datasets)  # unknown table or dataset: an error before anything runs
+        check_numbers(self.minutes, self.jobs, self.seeds)
+        if self.archive:
+            reads_it(Path(self.archive), self.resume)
+
+
+def reads_it(archive: Path, resume: Sequence[str]) -> None:
+    """A sitting never overwrites an archive it reads: `archive` equal to one of `resume` is an error."""
+    for old in resume:
+        same = Path(old).resolve() == archive.resolve()
+        if not same and archive.exists() and Path(old).exists():
+            same = os.path.samefile(old, archive)  # a hard link or another spelling of the same file
+        if same:
+            raise SessionError(
+                f"--archive {archive} is also read by --resume ({old}): a sitting never overwrites an "
+                "archive it reads; name a new file for --archive."
+            )
 
 
 def env_step(session: Session) -> list[str]:
@@ -408,6 +425,12 @@ def run_sitting(sitting: Sitting) -> int:
     """The `run` subcommand; returns the exit status (0: every step ok or skipped, 1: some failed)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     archive = Path(sitting.archive or f"results/session-{stamp}.tar.gz")
+    reads_it(archive, sitting.resume)
+    with runs_lock(RUNS_ROOT):  # one writer: no `reproduce` or other sitting in these runs meanwhile
+        return _run_sitting(sitting, stamp, archive)
+
+
+def _run_sitting(sitting: Sitting, stamp: str, archive: Path) -> int:
     session = Session(SESSIONS / stamp, sitting.minutes)
     print(f"[session] logs in {session.folder}, archive {archive}", flush=True)
     gpus = env_step(session)  # the archive always says where it ran
