@@ -474,7 +474,7 @@ def test_gpu_and_tiny_overlays_parse_through_the_clis(in_repo, capsys) -> None:
 def test_gpu_dry_run_prints_the_plan_with_its_overlays(workspace: Path, capsys) -> None:
     rp.main(["table2", "--profile", "gpu", "--seeds", "0", "--dry-run"])
     out = capsys.readouterr().out
-    assert "# table2, profile gpu (one GPU: full fine-tuning" in out and "root results/runs/gpu/table2" in out
+    assert "# table2, profile gpu (one GPU: full fine-tuning" in out and "root results/gpu/runs/table2" in out
     assert out.count("--config=configs/profiles/gpu.yaml ") == 8  # fit + test of 4 LLM cells
     assert out.count("--config=configs/profiles/gpu-sasrec.yaml ") == 2
     assert not Path("results").exists()  # a dry run writes nothing

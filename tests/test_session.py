@@ -19,7 +19,7 @@ from iamrec import session
 from iamrec.run_folder import is_done
 from iamrec.tables import archive as packing
 from iamrec.tables import plan as rp
-from iamrec.tables import sitting
+from iamrec.tables import sitting, unpack
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = {"HR@5": 0.2, "HR@10": 0.3, "HR@20": 0.4, "NDCG@5": 0.1, "NDCG@10": 0.15, "NDCG@20": 0.2}
@@ -53,9 +53,11 @@ def manifest(archive: Path) -> dict:
         return json.loads(tar.extractfile(packing.MANIFEST).read())
 
 
-def fake_run(method: str, seed: int, hr10: float = 0.3, finished: bool = True, table: str = "table2") -> Path:
-    """A tiny-profile run folder as `reproduce` leaves it: checkpoints, Lightning's logs, test outputs, DONE."""
-    run_dir = rp.default_root("tiny", table) / "ml100k" / method / f"seed{seed}"
+def fake_run(
+    method: str, seed: int, hr10: float = 0.3, finished: bool = True, table: str = "table2", profile: str = "tiny"
+) -> Path:
+    """A run folder as `reproduce` leaves it: checkpoints, Lightning's logs, test outputs, DONE."""
+    run_dir = rp.default_root(profile, table) / "ml100k" / method / f"seed{seed}"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"weights")
     logs = run_dir / "lightning_logs" / "version_0"
@@ -70,7 +72,7 @@ def fake_run(method: str, seed: int, hr10: float = 0.3, finished: bool = True, t
         for folder in (logs, run_dir):
             (folder / "test_metrics.json").write_text(json.dumps({**METRICS, "HR@10": hr10, "users": 2}))
             predictions.to_parquet(folder / "predictions.parquet")
-        (run_dir / "DONE").write_text(json.dumps({"profile": "tiny", "seconds": 3.0}))
+        (run_dir / "DONE").write_text(json.dumps({"profile": profile, "seconds": 3.0}))
     return run_dir
 
 
@@ -82,7 +84,7 @@ def test_run_on_a_cpu_packs_one_archive_without_checkpoints(workspace: Path) -> 
         "--methods", "popular,iam", "--archive", str(archive),
     )  # fmt: skip
     assert code == 0
-    assert archive.stat().st_size < packing.MAX_ARCHIVE_MIB * 2**20
+    assert archive.stat().st_size < unpack.MAX_ARCHIVE_MIB * 2**20
     names = members(archive)
     assert not [n for n in names if n.endswith(".ckpt") or n.startswith((".assets", "data/"))]
     root = "results/runs/tiny/table2/ml100k"
@@ -128,7 +130,7 @@ def test_an_archive_over_the_limit_is_refused_naming_the_biggest_files(
     workspace: Path, monkeypatch, capsys
 ) -> None:
     monkeypatch.setattr(sitting, "ENV_SCRIPT", NO_GPU)
-    monkeypatch.setattr(packing, "MAX_ARCHIVE_MIB", 0.25)
+    monkeypatch.setattr(unpack, "MAX_ARCHIVE_MIB", 0.25)
     run_dir = fake_run("iam", 0)
     (run_dir / "lightning_logs" / "version_0" / "events.out.tfevents.1").write_bytes(os.urandom(600_000))
     code = run(
@@ -213,3 +215,18 @@ def test_resume_merges_earlier_sittings_first_and_does_not_pack_them_again(
     info = manifest(Path("b.tar.gz"))
     assert [(r["method"], r["seed"]) for r in info["runs"]] == [("causal", 0)]
     assert {s["name"]: s["status"] for s in info["steps"]}["resume"] == "ok"
+
+
+def test_gpu_runs_pack_and_merge_where_the_repository_keeps_them(workspace: Path, capsys) -> None:
+    """The gpu profile's runs live in the repository (results/gpu/runs/<table>): an archive packs them from
+    there and a merge on another machine puts them back there, with the report over them."""
+    run_dir = fake_run("iam", 0, profile="gpu")
+    assert run_dir.as_posix() == "results/gpu/runs/table2/ml100k/iam/seed0"
+    manifest = {"profile": "gpu", "tables": ["table2"], "datasets": ["ml100k"], "seeds": [0]}
+    packing.pack(Path("g.tar.gz"), manifest)
+    assert f"{run_dir.as_posix()}/test_metrics.json" in members(Path("g.tar.gz"))
+    shutil.rmtree("results")
+    session.main(["merge", "g.tar.gz"])
+    assert is_done(run_dir) and not Path("results/runs/gpu").exists()
+    assert "1 finished cell-seed(s) in 1 archive(s): 1 unpacked" in capsys.readouterr().out
+    assert "| iam | 1 | " in Path("results/gpu/table2.md").read_text()

@@ -26,12 +26,20 @@ import pytest
 from iamrec import reproduce as rp
 from iamrec import session
 from iamrec.tables import archive as packing
-from iamrec.tables import writer
+from iamrec.tables import unpack, writer
 from iamrec.tables.plan import TableRun
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = "results/runs/tiny/table2/ml100k/iam/seed0"
-METRICS = {"HR@5": 0.2, "HR@10": 0.3, "HR@20": 0.4, "NDCG@5": 0.1, "NDCG@10": 0.15, "NDCG@20": 0.2, "users": 2}
+METRICS = {
+    "HR@5": 0.2,
+    "HR@10": 0.3,
+    "HR@20": 0.4,
+    "NDCG@5": 0.1,
+    "NDCG@10": 0.15,
+    "NDCG@20": 0.2,
+    "users": 2,
+}
 
 
 def _parquet() -> bytes:
@@ -59,7 +67,7 @@ def ws(tmp_path: Path, monkeypatch) -> Path:
 def files(top: Path) -> dict[str, bytes]:
     """Every file under `top` (not following links) with its bytes: what was written or lost."""
     out = {}
-    for folder, dirs, names in os.walk(top):
+    for folder, _dirs, names in os.walk(top):
         for name in names:
             path = Path(folder) / name
             out[str(path.relative_to(top))] = b"<link>" if path.is_symlink() else path.read_bytes()
@@ -151,12 +159,16 @@ REFUSED = {
     # path traversal through each manifest field, and absolute paths
     "profile-traversal": (manifest(profile="../../../outside"), None, "manifest field profile"),
     "profile-absolute": (manifest(profile="/tmp/outside"), None, "manifest field profile"),
-    "profile-unknown": (manifest(profile="nope"), None, "manifest field profile is \"nope\", not a known profile"),
+    "profile-unknown": (
+        manifest(profile="nope"),
+        None,
+        'manifest field profile is "nope", not a known profile',
+    ),
     "tables-traversal": (manifest(tables=["../../outside"]), None, "manifest field tables"),
     "datasets-traversal": (
         manifest(datasets=["../../../outside"], runs=[]),
         None,
-        "manifest field datasets is [\"../../../outside\"]",
+        'manifest field datasets is ["../../../outside"]',
     ),
     "datasets-dotdot": (manifest(datasets=[".."], runs=[]), None, "manifest field datasets"),
     "run-table": (_bad_path("table", ".."), None, "manifest field runs[0].table"),
@@ -170,15 +182,29 @@ REFUSED = {
     "session-dir-absolute": (manifest(session_dir="/tmp/outside"), None, "manifest field session_dir"),
     "seeds": (manifest(seeds=[-1]), None, "manifest field seeds"),
     # member names
-    "member-dotdot": (manifest(), {**seed_files(), f"{SEED}/../../../../../../../../outside": b"x"}, "member "),
+    "member-dotdot": (
+        manifest(),
+        {**seed_files(), f"{SEED}/../../../../../../../../outside": b"x"},
+        "member ",
+    ),
     "member-absolute": (manifest(), {**seed_files(), "/tmp/outside": b"x"}, "is an absolute path"),
-    "member-file-and-folder": (manifest(), {**seed_files(), f"{SEED}/DONE/x": b"x"}, "is a file and a folder"),
+    "member-file-and-folder": (
+        manifest(),
+        {**seed_files(), f"{SEED}/DONE/x": b"x"},
+        "is a file and a folder",
+    ),
     # one cell-seed listed twice in one archive: refused like a conflict
     "duplicate-cell-seed": (
         manifest(
             runs=[
                 {"table": "table2", "dataset": "ml100k", "method": "iam", "seed": 0, "path": SEED},
-                {"table": "table2", "dataset": "ml100k", "method": "iam", "seed": 0, "path": "b/ml100k/iam/seed0"},
+                {
+                    "table": "table2",
+                    "dataset": "ml100k",
+                    "method": "iam",
+                    "seed": 0,
+                    "path": "b/ml100k/iam/seed0",
+                },
             ]
         ),
         {**seed_files(), **seed_files("b/ml100k/iam/seed0", hr10=0.9)},
@@ -187,7 +213,11 @@ REFUSED = {
     # malformed manifests
     "manifest-not-json": (b"{not json", None, "its iamrec-session.json is not JSON"),
     "manifest-a-list": (b"[1, 2]", None, "is not a JSON object"),
-    "manifest-missing-keys": (json.dumps({"profile": "tiny"}).encode(), None, "lacks tables, datasets, seeds, runs"),
+    "manifest-missing-keys": (
+        json.dumps({"profile": "tiny"}).encode(),
+        None,
+        "lacks tables, datasets, seeds, runs",
+    ),
     "manifest-absent": (None, None, "has no iamrec-session.json"),
 }
 
@@ -247,10 +277,13 @@ def test_a_decompression_bomb_is_refused_before_it_is_unpacked(ws: Path, tmp_pat
     before = files(tmp_path)
     code, _, err = merge_cli("bomb.tar.gz", capsys=capsys)
     assert code == 2 and err.count("\n") == 1
-    assert f"member {SEED}/events.out.tfevents.1 unpacks to 17.0 MiB, over the 16.0 MiB limit on one member" in err
+    assert (
+        f"member {SEED}/events.out.tfevents.1 unpacks to 17.0 MiB, over the 16.0 MiB limit on one member"
+        in err
+    )
     code, _, err = merge_cli("tail.tar.gz", capsys=capsys)
     assert code == 2 and "tail.tar.gz is refused" in err and "expands past its tar's end" in err
-    monkeypatch.setattr(packing, "MAX_ARCHIVE_MIB", 0.25)  # total cap: 4 x 0.25 MiB
+    monkeypatch.setattr(unpack, "MAX_ARCHIVE_MIB", 0.25)  # total cap: 4 x 0.25 MiB
     logs = {f"{SEED}/log{i}.txt": bytes(200_000) for i in range(6)}
     build(ws / "many.tar.gz", manifest(), {**seed_files(), **logs})
     before["ws/many.tar.gz"] = (ws / "many.tar.gz").read_bytes()
@@ -268,12 +301,18 @@ def test_a_malformed_archive_is_one_sentence_naming_it(ws: Path, tmp_path: Path,
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
     broken = {
-        "text.tar.gz": (b"just some text\n", "not a readable session archive (not gzip, truncated or corrupt"),
+        "text.tar.gz": (
+            b"just some text\n",
+            "not a readable session archive (not gzip, truncated or corrupt",
+        ),
         "empty.tar.gz": (b"", "not a readable session archive"),
         "half.tar.gz": (good[: len(good) // 2], "not a readable session archive"),
         "notar.tar.gz": (gzip.compress(b"not a tar" * 100), "not a readable session archive"),
-        "cut.tar.gz": (gzip.compress(raw.getvalue()[:1600]), "is refused"),  # whole gzip of a cut tar
-        "unknown-profile.tar.gz": (build(ws / "u.tar.gz", manifest(profile="huge")).read_bytes(), "not a known profile"),
+        "cut.tar.gz": (gzip.compress(raw.getvalue()[:1600]), "truncated or corrupt"),  # whole gzip, cut tar
+        "unknown-profile.tar.gz": (
+            build(ws / "u.tar.gz", manifest(profile="huge")).read_bytes(),
+            "not a known profile",
+        ),
     }
     for name, (data, _) in broken.items():
         (ws / name).write_bytes(data)
@@ -318,7 +357,7 @@ def test_merge_keeps_the_first_of_two_different_results_and_says_which(ws: Path,
     out = capsys.readouterr().out
     line = (
         "[merge] tiny/table2/ml100k/iam/seed0 finished twice with different results (GPU runs are not "
-        f"bit-reproducible across sittings): kept the runs root's (results/runs/tiny/table2/ml100k/iam/seed0), "
+        "bit-reproducible across sittings): kept the runs root's (results/runs/tiny/table2/ml100k/iam/seed0), "
         "ignored b.tar.gz's"
     )
     assert line in out and line in log.read_text() and "0 unpacked" in out
@@ -330,12 +369,29 @@ def test_archive_equal_to_resume_is_refused_and_the_archive_is_intact(ws: Path, 
     build(ws / "a.tar.gz", manifest())
     os.link(ws / "a.tar.gz", ws / "hard.tar.gz")
     before = files(tmp_path)
-    for archive, resume in (("a.tar.gz", "a.tar.gz"), ("./a.tar.gz", str(ws / "a.tar.gz")), ("hard.tar.gz", "a.tar.gz")):
+    for archive, resume in (
+        ("a.tar.gz", "a.tar.gz"),
+        ("./a.tar.gz", str(ws / "a.tar.gz")),
+        ("hard.tar.gz", "a.tar.gz"),
+    ):
         with pytest.raises(SystemExit) as stop:
-            session.main(["run", "--profile", "tiny", "--seeds", "0", "--resume", "b.tar.gz", resume, "--archive", archive])
+            session.main(
+                [
+                    "run",
+                    "--profile",
+                    "tiny",
+                    "--seeds",
+                    "0",
+                    "--resume",
+                    "b.tar.gz",
+                    resume,
+                    "--archive",
+                    archive,
+                ]
+            )
         err = capsys.readouterr().err
         assert stop.value.code == 2 and err.count("\n") == 1
-        assert f"--archive {archive} is also read by --resume ({resume}): a sitting never overwrites" in err
+        assert f"--archive {Path(archive)} is also read by --resume ({resume}): a sitting never overwrites" in err
     assert files(tmp_path) == before  # not even the session folder
     # a refused pack leaves the archive it would have replaced as it was
     Path("results/runs/tiny/table2/ml100k/iam/seed0").mkdir(parents=True)
@@ -343,8 +399,10 @@ def test_archive_equal_to_resume_is_refused_and_the_archive_is_intact(ws: Path, 
     pack_manifest = manifest(runs=[], session_dir="")
     old = Path("a.tar.gz").read_bytes()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(packing, "MAX_ARCHIVE_MIB", 0.25)
-        with pytest.raises(packing.SessionError, match="over the 0.25 MiB limit; the biggest files: results/"):
+        mp.setattr(unpack, "MAX_ARCHIVE_MIB", 0.25)
+        with pytest.raises(
+            packing.SessionError, match="over the 0.25 MiB limit; the biggest files: results/"
+        ):
             packing.pack(Path("a.tar.gz"), pack_manifest)
     assert Path("a.tar.gz").read_bytes() == old and not Path("a.tar.gz.partial").exists()
 
@@ -386,9 +444,13 @@ def test_a_second_writer_refuses_while_the_first_lives(ws: Path, tmp_path: Path,
         assert stop.value.code == 2 and err.count("\n") == 1
         assert f"{root} is not written now: another process (pid {other.pid}) writes into it" in err
         with pytest.raises(SystemExit) as stop:  # the sitting locks results/runs: the table's lock is inside
-            session.main(["run", "--profile", "tiny", "--seeds", "0", "--skip", "assets,data,tests,bench,tables"])
+            session.main(
+                ["run", "--profile", "tiny", "--seeds", "0", "--skip", "assets,data,tests,bench,tables"]
+            )
         err = capsys.readouterr().err
-        assert stop.value.code == 2 and f"(pid {other.pid}) writes into {root} (lock {root}/.writer.lock)" in err
+        assert (
+            stop.value.code == 2 and f"(pid {other.pid}) writes into {root} (lock {root}/.writer.lock)" in err
+        )
         build(ws / "a.tar.gz", manifest())
         before["ws/a.tar.gz"] = (ws / "a.tar.gz").read_bytes()
         code, _, err = merge_cli("a.tar.gz", capsys=capsys)
@@ -495,7 +557,9 @@ def test_sigterm_stops_the_stage_of_a_run_one_at_a_time(
     timer.start()
     try:
         with pytest.raises(SystemExit):
-            runner.reproduce(TableRun("table2", ["ml100k"], [0], "tiny", ws / "runs", ws / "t2", methods=["iam"]))
+            runner.reproduce(
+                TableRun("table2", ["ml100k"], [0], "tiny", ws / "runs", ws / "t2", methods=["iam"])
+            )
     finally:
         timer.join()
         signal.signal(signal.SIGTERM, previous)
