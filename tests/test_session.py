@@ -54,7 +54,12 @@ def manifest(archive: Path) -> dict:
 
 
 def fake_run(
-    method: str, seed: int, hr10: float = 0.3, finished: bool = True, table: str = "table2", profile: str = "tiny"
+    method: str,
+    seed: int,
+    hr10: float = 0.3,
+    finished: bool = True,
+    table: str = "table2",
+    profile: str = "tiny",
 ) -> Path:
     """A run folder as `reproduce` leaves it: checkpoints, Lightning's logs, test outputs, DONE."""
     run_dir = rp.default_root(profile, table) / "ml100k" / method / f"seed{seed}"

@@ -391,7 +391,10 @@ def test_archive_equal_to_resume_is_refused_and_the_archive_is_intact(ws: Path, 
             )
         err = capsys.readouterr().err
         assert stop.value.code == 2 and err.count("\n") == 1
-        assert f"--archive {Path(archive)} is also read by --resume ({resume}): a sitting never overwrites" in err
+        assert (
+            f"--archive {Path(archive)} is also read by --resume ({resume}): a sitting never overwrites"
+            in err
+        )
     assert files(tmp_path) == before  # not even the session folder
     # a refused pack leaves the archive it would have replaced as it was
     Path("results/runs/tiny/table2/ml100k/iam/seed0").mkdir(parents=True)
@@ -405,6 +408,19 @@ def test_archive_equal_to_resume_is_refused_and_the_archive_is_intact(ws: Path, 
         ):
             packing.pack(Path("a.tar.gz"), pack_manifest)
     assert Path("a.tar.gz").read_bytes() == old and not Path("a.tar.gz.partial").exists()
+
+
+def test_a_sitting_refuses_a_resume_archive_it_cannot_merge_before_starting(ws: Path, tmp_path: Path, capsys):
+    """A `--resume` archive that is not one (or breaks a rule) stops the sitting before its first step:
+    otherwise it would retrain, on a lent GPU, the cell-seeds that archive holds."""
+    (ws / "notes.tar.gz").write_bytes(b"not an archive")
+    before = files(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        session.main(["run", "--profile", "tiny", "--seeds", "0", "--resume", "notes.tar.gz"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("iamrec.session: error: notes.tar.gz is not a readable session archive")
+    assert files(tmp_path) == before  # no session folder, no step run
 
 
 def test_pack_leaves_symbolic_links_out(ws: Path, tmp_path: Path) -> None:
@@ -576,6 +592,10 @@ NUMBERS = [
     (["--jobs", "0"], "--jobs must be at least 1, got 0."),
     (["--jobs", "-2"], "--jobs must be at least 1, got -2."),
     (["--seeds", "0", "-1"], "--seeds must be whole numbers >= 0, got -1."),
+    (
+        ["--datasets", "../x"],
+        "'../x' is not a dataset name (letters, digits, _ . -); known: ml100k, toys, sports, beauty.",
+    ),
 ]
 
 

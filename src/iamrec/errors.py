@@ -78,7 +78,7 @@ def expected_error(err: BaseException) -> str | None:
         if isinstance(err, (FileNotFoundError, PermissionError)) or err.errno in DISK_ERRNOS:
             name = errno.errorcode.get(err.errno or 0, "")
             where = f"{err.filename}: " if err.filename else ""
-            return f"{where}{err.strerror or one_line(err)}" + (f" ({name})." if name else ".")
+            return f"{where}{err.strerror or one_line(err).rstrip('.')}" + (f" ({name})." if name else ".")
         return None
     if _ours(err) or isinstance(err, MisconfigurationException):
         return one_line(err)

@@ -119,6 +119,11 @@ def plan(table: str, datasets: Sequence[str]) -> list[Cell]:
     """Every cell of `table` for `datasets`, in table order; an error naming a missing config file."""
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; choose one of {sorted(TABLES)}.")
+    for d in datasets:
+        if d in (".", "..") or not d.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise ValueError(
+                f"{d!r} is not a dataset name (letters, digits, _ . -); known: {', '.join(DATASETS)}."
+            )
     cells = [Cell(table, d, m) for d in datasets for m in TABLES[table]]
     absent = [str(c.config) for c in cells if not c.config.is_file()]
     if absent:

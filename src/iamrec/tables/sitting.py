@@ -14,6 +14,7 @@ group) is `iamrec.tables.steps`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from iamrec import run_folder
+from iamrec.tables import unpack
 from iamrec.tables.archive import SessionError, merge, pack
 from iamrec.tables.plan import PROFILES, RUNS_ROOT, check_numbers, default_out, default_root, plan
 from iamrec.tables.steps import LIMITS, Session, Step
@@ -132,6 +134,14 @@ def reads_it(archive: Path, resume: Sequence[str]) -> None:
                 f"--archive {archive} is also read by --resume ({old}): a sitting never overwrites an "
                 "archive it reads; name a new file for --archive."
             )
+
+
+def check_resume(resume: Sequence[str]) -> None:
+    """Every `--resume` archive is read and checked whole before the sitting starts (`unpack.scan`): one
+    that cannot be merged stops it with one sentence, rather than a sitting that retrains what it holds."""
+    with contextlib.ExitStack() as stack:
+        for archive in resume:
+            unpack.scan(Path(archive), stack)
 
 
 def env_step(session: Session) -> list[str]:
@@ -314,6 +324,7 @@ def run_sitting(sitting: Sitting) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     archive = Path(sitting.archive or f"results/session-{stamp}.tar.gz")
     reads_it(archive, sitting.resume)
+    check_resume(sitting.resume)
     with runs_lock(RUNS_ROOT):  # one writer: no `reproduce` or other sitting in these runs meanwhile
         return _run_sitting(sitting, stamp, archive)
 
