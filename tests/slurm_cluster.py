@@ -26,13 +26,17 @@ SBIN = ("/usr/sbin", "/usr/bin", "/sbin")
 
 
 def _which(name: str) -> str | None:
-    return shutil.which(name) or next((f"{d}/{name}" for d in SBIN if os.access(f"{d}/{name}", os.X_OK)), None)
+    return shutil.which(name) or next(
+        (f"{d}/{name}" for d in SBIN if os.access(f"{d}/{name}", os.X_OK)), None
+    )
 
 
 def why_not() -> str | None:
     """None when a cluster can start here, else the reason in one sentence."""
     if os.name != "posix" or os.geteuid() != 0:
-        return "a one-node Slurm cluster needs root (SlurmUser=root); run the tests as root after `make slurm`"
+        return (
+            "a one-node Slurm cluster needs root (SlurmUser=root); run the tests as root after `make slurm`"
+        )
     missing = [n for n in (*DAEMONS, *CLIENTS) if _which(n) is None]
     if missing:
         return f"Slurm is not installed ({', '.join(missing)} missing): run `make slurm` (Debian, as root)"
@@ -119,7 +123,9 @@ class SlurmCluster:
         ctld_port, d_port = _free_ports(2)
         host = socket.gethostname().split(".")[0]
         # Slurm insists that the controller and the node are named as `hostname -s`; both listen on 127.0.0.1
-        text = SLURM_CONF.format(host=host, root=self.root, ctld_port=ctld_port, d_port=d_port, cpus=self.cpus)
+        text = SLURM_CONF.format(
+            host=host, root=self.root, ctld_port=ctld_port, d_port=d_port, cpus=self.cpus
+        )
         self.conf.write_text(text)
         munge = self.root / "munge"
         key = munge / "munge.key"
@@ -195,14 +201,22 @@ class SlurmCluster:
     def state(self, job: int) -> str:
         """The job's state as ``scontrol`` reports it (PENDING, RUNNING, COMPLETED, FAILED, ...)."""
         res = subprocess.run(
-            ["scontrol", "-o", "show", "job", str(job)], env=self.env, capture_output=True, text=True, timeout=20
+            ["scontrol", "-o", "show", "job", str(job)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
         fields = dict(f.split("=", 1) for f in res.stdout.split() if "=" in f)
         return fields.get("JobState", "UNKNOWN")
 
     def show(self, job: int) -> dict[str, str]:
         res = subprocess.run(
-            ["scontrol", "-o", "show", "job", str(job)], env=self.env, capture_output=True, text=True, timeout=20
+            ["scontrol", "-o", "show", "job", str(job)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
         return dict(f.split("=", 1) for f in res.stdout.split() if "=" in f)
 
@@ -216,6 +230,13 @@ class SlurmCluster:
             time.sleep(0.5)
         self.scancel(job)
         return f"still {self.state(job)} after {timeout_s:.0f} s (cancelled)"
+
+    def release(self, job: int) -> None:
+        """Start a requeued job now: Slurm holds a requeued job for about 2 minutes (its BeginTime), which on
+        a real cluster lets the node clean up; here it would only make the tests wait."""
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job}", "StartTime=now"], env=self.env, check=True, timeout=20
+        )
 
     def scancel(self, job: int, *args: str) -> None:
         subprocess.run(["scancel", *args, str(job)], env=self.env, check=True, timeout=20)
