@@ -25,7 +25,7 @@ from slurm_cluster import SlurmCluster, why_not
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "iamrec.sbatch"
-STEPS, EVERY = 20, 2  # 40 samples, 4 per task and step: 5 steps an epoch, so the run crosses 3 epoch ends
+STEPS, EVERY = 12, 1  # 40 samples, 4 per task and step: 5 steps an epoch, so the run crosses 2 epoch ends
 OVERRIDES = ("--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1")
 pytestmark = pytest.mark.skipif(why_not() is not None, reason=str(why_not()))
 
@@ -37,7 +37,8 @@ def job_args(processed_dir: Path, root: Path, *extra: str) -> list[str]:
         f"--data.data_dir={processed_dir}",
         f"--trainer.default_root_dir={root}",
         f"--trainer.max_steps={STEPS}",
-        "--trainer.val_check_interval=5",
+        "--trainer.val_check_interval=4",  # global steps 4, 8, 12: the last one validates the final weights
+        "--trainer.check_val_every_n_epoch=null",
         "--trainer.limit_val_batches=1.0",
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=CSVLogger",
@@ -111,10 +112,15 @@ def test_sbatch_as_shipped_fits_and_tests_with_two_tasks(reference):
     assert '"users": 11' in metrics.read_text()
 
 
-def _wait_for(predicate, timeout_s: float, what: str, cluster: SlurmCluster, job: int, root: Path):
+def _wait_for(
+    predicate, timeout_s: float, what: str, cluster: SlurmCluster, job: int, root: Path, ended=True
+):
+    """Wait, bounded, for `predicate`; fail early if the job has ended (`ended`: a job being requeued passes
+    through an ended-looking state, so requeue waits turn it off)."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
-        if time.monotonic() > deadline or cluster.state(job) in ("COMPLETED", "FAILED", "CANCELLED"):
+        done = ended and cluster.state(job) in ("COMPLETED", "FAILED", "CANCELLED")
+        if time.monotonic() > deadline or done:
             cluster.scancel(job)
             pytest.fail(f"{what} (job {cluster.state(job)}); log:\n{log_of(root, job)[-3000:]}")
         time.sleep(0.1)
@@ -127,17 +133,31 @@ def requeued_run(cluster, env, processed_dir, root: Path, signals: int, *extra: 
     job = submit(cluster, env, processed_dir, root, *extra, TEST="0")
     at: list[int] = []
     for n in range(signals):
-        floor = (at[-1] if at else 0) + 2 * EVERY
         _wait_for(
-            lambda: cluster.show(job).get("Restarts") == str(n), 120, f"no start {n}", cluster, job, root
+            lambda n=n: cluster.show(job).get("Restarts") == str(n), 120, f"no start {n}", cluster, job, root
         )
-        _wait_for(lambda: step_of(last) >= floor, 120, f"no checkpoint at step {floor}", cluster, job, root)
+        # 2 steps past the checkpoint this start resumes: its signal handler is in place by then
+        floor = max(step_of(last), 0) + 2
+        _wait_for(
+            lambda floor=floor: step_of(last) >= floor,
+            120,
+            f"no checkpoint at step {floor}",
+            cluster,
+            job,
+            root,
+        )
         at.append(step_of(last))
         cluster.scancel(job, "--signal=USR1")  # what Slurm sends 90 s before --time
         _wait_for(
-            lambda: cluster.show(job).get("Restarts") == str(n + 1), 60, "no requeue", cluster, job, root
+            lambda n=n: cluster.show(job).get("Restarts") == str(n + 1),
+            60,
+            "no requeue",
+            cluster,
+            job,
+            root,
+            False,
         )
-        _wait_for(lambda: cluster.state(job) == "PENDING", 60, "not pending", cluster, job, root)
+        _wait_for(lambda: cluster.state(job) == "PENDING", 60, "not pending", cluster, job, root, False)
         cluster.release(job)
     assert cluster.wait(job, 240) == "COMPLETED", log_of(root, job)[-4000:]
     return job, at
@@ -189,37 +209,47 @@ def test_the_resume_check_fails_when_the_requeued_job_starts_over(
 # ------------------------------------------------------------------------------ the same on 1 and N
 
 
-def test_validation_loss_of_two_tasks_equals_one_process(reference, processed_dir, tmp_path):
+def test_validation_loss_of_two_tasks_equals_one_process(
+    reference, processed_dir, tmp_path, one_thread, capsys
+):
     """val/loss over all target tokens: the 2-task job's last validation (11 samples, one repeated by the
-    distributed sampler) equals one process validating the same weights."""
+    distributed sampler) equals one process (in-process) validating the same weights."""
+    from iamrec.cli import main
+
     root = reference["root"]
     rows = pd.read_csv(next(root.rglob("metrics.csv")))
     two = rows.dropna(subset=["val/loss"]).set_index("step")["val/loss"]
-    res = subprocess.run(
-        [sys.executable, "-m", "iamrec.cli", "validate", "--config", *job_args(processed_dir, tmp_path),
-         f"--ckpt_path={root / 'checkpoints' / 'last.ckpt'}"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    one = float(re.search(r"val/loss\s*\S\s*([-0-9.e]+)", res.stdout).group(1))
-    print(f"val/loss: 2 Slurm tasks {two[STEPS - 1]!r}, 1 process {one!r}")
+    ckpt = root / "checkpoints" / "last.ckpt"
+    main(["validate", "--config", *job_args(processed_dir, tmp_path), f"--ckpt_path={ckpt}"])
+    one = float(re.search(r"val/loss\s*\S\s*([-0-9.e]+)", capsys.readouterr().out).group(1))
+    print(f"val/loss: 2 Slurm tasks {float(two[STEPS - 1])!r}, 1 process {one!r}")
     assert two[STEPS - 1] == pytest.approx(one, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------ failure modes
 
 
-def test_a_checkpoint_of_another_world_size_is_refused(reference, processed_dir, tmp_path):
+def test_a_checkpoint_of_another_world_size_is_refused(
+    reference, processed_dir, tmp_path, one_thread, capsys
+):
+    """Each process reads its own shard: resuming 2 tasks' checkpoint with 1 process is refused (exit 2)."""
+    from iamrec.cli import main
+
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes((reference["root"] / "checkpoints" / "last.ckpt").read_bytes())
-    res = subprocess.run(
-        [sys.executable, "-m", "iamrec.cli", "fit", "--config", *job_args(processed_dir, tmp_path),
-         f"--trainer.max_steps={STEPS + 2}", "--ckpt_path=last"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert res.returncode == 2, res.stderr[-3000:]
-    err = res.stderr.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "fit",
+                "--config",
+                *job_args(processed_dir, tmp_path),
+                f"--trainer.max_steps={STEPS + 2}",
+                "--ckpt_path=last",
+            ]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "written by 2 processes and this run has 1" in err and "--ntasks-per-node" in err, err
     assert step_of(ckpt) == STEPS  # untouched
 
@@ -246,6 +276,7 @@ def _pid_of_rank(job: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow  # a third job start (~25 s): over the suite's budget
 def test_a_task_that_dies_ends_the_job_naming_it(cluster, job_env, processed_dir, tmp_path):
     """Rank 1 killed mid-fit (as by the OOM killer): the job ends within a bounded time, srun names the task,
     and last.ckpt is a whole checkpoint to resume from."""
@@ -264,9 +295,10 @@ def test_a_task_that_dies_ends_the_job_naming_it(cluster, job_env, processed_dir
     assert 0 < step_of(last) < STEPS
 
 
-def test_a_submit_folder_that_is_not_writable_is_one_sentence(cluster, job_env, processed_dir, tmp_path):
-    """Root writes anywhere, so the folder is a read-only bind mount. Slurm cannot open the log there
-    either: the sentence is in the job's comment (``squeue -o %k``)."""
+def test_a_submit_folder_that_is_not_writable_is_one_sentence(cluster, job_env, tmp_path):
+    """Root writes anywhere, so the folder is a read-only bind mount. Slurm itself fails a job whose log it
+    cannot open there (before the script runs); with the log elsewhere (``--output``) the script stops with
+    one sentence naming the folder, also left in the job's comment (``squeue -o %k``)."""
     folder = tmp_path / "ro"
     folder.mkdir()
     mounted = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
@@ -274,12 +306,16 @@ def test_a_submit_folder_that_is_not_writable_is_one_sentence(cluster, job_env, 
         pytest.skip(f"no bind mount here: {mounted.stderr.decode().strip()}")
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
-        job = cluster.sbatch(
-            *OVERRIDES, str(SCRIPT), str(REPO / "configs" / "tiny.yaml"), cwd=folder, env=job_env
-        )
-        state = cluster.wait(job, 60)
-        comment = cluster.show(job).get("Comment", "")
+        config = str(REPO / "configs" / "tiny.yaml")
+        lost = cluster.sbatch(*OVERRIDES, str(SCRIPT), config, cwd=folder, env=job_env)
+        log = tmp_path / "slurm-%j.out"
+        job = cluster.sbatch(*OVERRIDES, f"--output={log}", str(SCRIPT), config, cwd=folder, env=job_env)
+        states = cluster.wait(lost, 60), cluster.wait(job, 60)
+        comment = subprocess.run(
+            ["squeue", "-h", "-j", str(job), "-o", "%k"], env=cluster.env, capture_output=True, text=True
+        ).stdout
     finally:
         subprocess.run(["umount", str(folder)], check=True)
-    assert state == "FAILED"
-    assert f"the submit folder {folder} is not writable" in comment, cluster.show(job)
+    assert states == ("FAILED", "FAILED")
+    sentence = f"the submit folder {folder} is not writable"
+    assert sentence in (tmp_path / f"slurm-{job}.out").read_text() and sentence in comment
