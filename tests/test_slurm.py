@@ -254,6 +254,7 @@ def test_a_checkpoint_of_another_world_size_is_refused(
     assert step_of(ckpt) == STEPS  # untouched
 
 
+@pytest.mark.slow  # another job start (~20 s): over the suite's budget
 def test_ntasks_per_node_other_than_devices_is_one_sentence(cluster, job_env, processed_dir, tmp_path):
     job = submit(cluster, job_env, processed_dir, tmp_path, "--trainer.devices=1", TEST="0")
     assert cluster.wait(job, 120) == "FAILED"
@@ -311,8 +312,8 @@ def test_a_submit_folder_that_is_not_writable_is_one_sentence(cluster, job_env, 
         log = tmp_path / "slurm-%j.out"
         job = cluster.sbatch(*OVERRIDES, f"--output={log}", str(SCRIPT), config, cwd=folder, env=job_env)
         states = cluster.wait(lost, 60), cluster.wait(job, 60)
-        comment = subprocess.run(
-            ["squeue", "-h", "-j", str(job), "-o", "%k"], env=cluster.env, capture_output=True, text=True
+        comment = subprocess.run(  # the job's record, Comment= included
+            ["scontrol", "show", "job", str(job)], env=cluster.env, capture_output=True, text=True
         ).stdout
     finally:
         subprocess.run(["umount", str(folder)], check=True)
