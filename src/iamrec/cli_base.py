@@ -101,7 +101,8 @@ class RunFolderCLI(LightningCLI):
 
     def notice(self, text: str) -> None:
         """A line on stderr, from the first process only (DDP re-runs the command in every process)."""
-        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        ranks = ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")  # Lightning's launcher, or srun's tasks
+        if all(os.environ.get(name, "0") == "0" for name in ranks):
             print(f"{self.program}: {text}", file=sys.stderr)
 
     def _apply_checkpoint_hparams(self, sub: str, path: str, ckpt: dict[str, Any]) -> None:

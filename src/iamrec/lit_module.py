@@ -31,8 +31,11 @@ from iamrec.model import LoraConfig, build_model
 from iamrec.run_folder import LLM_PREDICTION_COLUMNS, write_test_outputs
 
 
-def target_token_loss(hf, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(summed cross-entropy, count)`` of the batch's target tokens, without a host sync.
+def target_token_loss(
+    hf, batch: dict[str, torch.Tensor], per_row: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed cross-entropy, count)`` of the batch's target tokens, without a host sync; with `per_row`,
+    one sum and one count per row, ``(B,)`` each (validation counts each sample once across processes).
 
     The LM head runs at the ``(B, A)`` positions of ``batch["target_positions"]`` (from the collator,
     `iamrec.data.collate.target_positions`) only; the filler among them carry label -100 and weigh 0
@@ -50,6 +53,9 @@ def target_token_loss(hf, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         positions, labels = target_positions(batch["labels"])
     picked = torch.take_along_dim(hidden, positions[..., None], dim=1)  # (B, A, H)
     logits = hf.get_output_embeddings()(picked).float()  # (B, A, V)
+    if per_row:
+        losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        return losses.sum(1), (labels != IGNORE_INDEX).sum(1)  # (B,), (B,)
     total = F.cross_entropy(
         logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -222,8 +228,12 @@ class IAMRecModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self.target_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        # val/loss is logged at the epoch's end over all processes' target tokens (not a mean of means)
+        totals, counts = target_token_loss(self.hf_model, batch, per_row=True)
+        self._val_loss_rows += [
+            {"sample_index": int(i), "loss_sum": float(t), "tokens": int(c)}
+            for i, t, c in zip(batch["sample_index"], totals.tolist(), counts.tolist())
+        ]
         if self.hparams.val_generate:
             ranks, _ = self._rank(batch)
             self._val_rows += [
@@ -232,8 +242,15 @@ class IAMRecModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows: list[dict[str, int]] = []
+        self._val_loss_rows: list[dict[str, Any]] = []
 
     def on_validation_epoch_end(self) -> None:
+        # Summed losses over summed target tokens of every sample once (the distributed sampler repeats a
+        # few): the loss one process computes on the whole validation set, on every rank without a sync.
+        sums = self._gather(self._val_loss_rows, ["sample_index", "loss_sum", "tokens"])
+        if len(sums):
+            loss = float(sums["loss_sum"].sum() / max(int(sums["tokens"].sum()), 1))
+            self.log("val/loss", loss, prog_bar=True)
         if self.hparams.val_generate:
             # Like test: every rank gathers all rows and counts each sample once (the distributed
             # sampler repeats a few), so every rank logs the same values without a further sync.

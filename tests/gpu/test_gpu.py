@@ -34,7 +34,8 @@ def test_bf16_lora_fit_then_test_on_gpu(processed_dir, tmp_path):
 
 
 def test_fsdp_full_finetuning_on_gpu(processed_dir, tmp_path):
-    """FSDP for full fine-tuning of larger backbones (LoRA + DDP is the default)."""
+    """FSDP for full fine-tuning of larger backbones (LoRA + DDP is the default): sharded per decoder
+    layer, fit then test through `iamrec`."""
     extra = [
         "--trainer.accelerator=gpu",
         "--trainer.strategy=fsdp",
@@ -46,6 +47,10 @@ def test_fsdp_full_finetuning_on_gpu(processed_dir, tmp_path):
     ]
     res = run(["fit", *_tiny(processed_dir, tmp_path, *extra)])
     assert res.returncode == 0, res.stderr[-3000:]
+    res = run(["test", *_tiny(processed_dir, tmp_path, *extra), "--ckpt_path=last"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads(next(tmp_path.rglob("test_metrics.json")).read_text())
+    assert metrics["users"] == 12 and metrics["invalid_rate"] == 0.0
 
 
 @pytest.mark.parametrize("schedule", ["iam", "stacked"])

@@ -255,6 +255,8 @@ class IAMDataModule(L.LightningDataModule):
             "batch_size": self.batch_size,
             "bucket_by_length": self.bucket_by_length,
             "train_rows": f"{len(rows)}:{hashlib.sha1(rows.tobytes()).hexdigest()[:16]}",
+            # each process reads its shard of every epoch: another count of processes reads other batches
+            "processes": getattr(getattr(self, "trainer", None), "world_size", 1),
         }
 
     def _train_position(self) -> tuple[int, int]:
@@ -287,8 +289,16 @@ class IAMDataModule(L.LightningDataModule):
         if not state:
             return None
         key = self._order_key(ds)
+        saved = state.get("processes", key["processes"])  # older checkpoints did not record it
+        if saved != key["processes"]:
+            raise ValueError(
+                f"the checkpoint was written by {saved} processes and this run has {key['processes']} "
+                "(trainer.devices x trainer.num_nodes; under Slurm the tasks): each process reads its own shard, "
+                f"so the remaining batches would differ; resume with {saved} processes (sbatch "
+                "--ntasks-per-node), or start a new fit in another trainer.default_root_dir."
+            )
         for name, value in key.items():
-            if state.get(name) != value:
+            if name != "processes" and state.get(name) != value:
                 what = "data.data_dir / data.max_train_samples" if name == "train_rows" else f"data.{name}"
                 raise ValueError(
                     f"the checkpoint was trained with another training order ({what}: {state.get(name)!r} "
