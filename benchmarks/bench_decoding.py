@@ -25,13 +25,20 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from iamrec.attention import PAD, apply_item_attention
 from iamrec.data import PromptEncoder, PromptTemplate
-from iamrec.decoding import TitleTrie, constrained_beam_search, prefix_table, reference_beam_search
+from iamrec.decoding import (
+    BeamResult,
+    TitleTrie,
+    constrained_beam_search,
+    prefix_table,
+    reference_beam_search,
+)
 from iamrec.model.loading import load_backbone, load_tokenizer
 
 
@@ -113,7 +120,8 @@ def score_gap(a, b, a_rows: range | None = None) -> float:
     return float((a.scores[rows] - b.scores).abs()[real].max()) if bool(real.any()) else 0.0
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -166,10 +174,30 @@ def main() -> None:
         action="store_true",
         help="build the model from --model's config.json with random weights (timing only; beams still compared)",
     )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    return parser.parse_args()
 
+
+# left-padded (B, L) input_ids, attention_mask, segment_ids
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Bench:
+    """What every path decodes: the model, the trie of every answer and the users' prompts in batches."""
+
+    model: torch.nn.Module
+    pad_id: int
+    titles: list[str]
+    samples: list[tuple[list[int], int]]  # (history, target) per user
+    trie: TitleTrie
+    table: dict[tuple[int, ...], list[int]]  # the trie as HF's prefix_allowed_tokens_fn reads it
+    build_s: float  # seconds to build the trie and the table
+    prompts: list[tuple[list[int], list[int]]]  # (ids, segment ids) per user
+    batches: list[Batch]
+
+
+def build_bench(args: argparse.Namespace) -> Bench:
+    """Load the model with ``--schedule``, the catalogue and its trie, and encode the users' prompts."""
     tokenizer = load_tokenizer(args.model)
     backbone = load_backbone(args.model, dtype=args.dtype, random_weights=args.random_weights)
     model = apply_item_attention(backbone.to(args.device).eval(), args.schedule)
@@ -186,120 +214,192 @@ def main() -> None:
         tuple(t.to(args.device) for t in left_pad(prompts[i : i + args.batch], tokenizer.pad_token_id))
         for i in range(0, len(prompts), args.batch)
     ]
+    return Bench(model, tokenizer.pad_token_id, titles, samples, trie, table, build, prompts, batches)
+
+
+def print_setup(args: argparse.Namespace, bench: Bench) -> None:
+    """One line: the model, the catalogue and trie, the prompts and the batch sizes."""
+    trie, prompts = bench.trie, bench.prompts
     print(
         f"model {args.model} ({args.dtype}{', random weights' if args.random_weights else ''}, "
         f"schedule {args.schedule}, {args.device}), {args.threads} threads | "
-        f"{len(titles)} items, trie {trie.num_nodes} nodes, longest answer {trie.max_depth} tokens "
-        f"(built in {build:.2f}s) | {len(prompts)} users, prompts "
+        f"{len(bench.titles)} items, trie {trie.num_nodes} nodes, longest answer {trie.max_depth} tokens "
+        f"(built in {bench.build_s:.2f}s) | {len(prompts)} users, prompts "
         f"{min(len(p) for p, _ in prompts)}-{max(len(p) for p, _ in prompts)} tokens, "
         f"{args.beams} beams, batch {args.batch} (reference batch {args.reference_batch or args.batch})"
     )
 
-    for _ in range(args.warmup):
-        constrained_beam_search(model, *batches[0], trie, args.beams)
-    if args.device.startswith("cuda"):
+
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work, so that a clock read after it times the work itself."""
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
-    fast_s = ref_s = per_beam_s = dense_s = edges_s = 0.0
-    edges_same = True
-    identical, steps, hits, filler, gap, compared, fast_times = True, [], 0, 0, 0.0, 0, []
-    for i, (ids, mask, seg) in enumerate(batches):
+
+
+@dataclass
+class Totals:
+    """What the batches add up to, for the summary."""
+
+    fast_s: float = 0.0
+    ref_s: float = 0.0
+    per_beam_s: float = 0.0
+    dense_s: float = 0.0
+    edges_s: float = 0.0
+    edges_same: bool = True  # --compare: the edge lookup gave bit-identical beams on every batch
+    identical: bool = True  # the reference gave the same beams on every compared batch
+    steps: list[int] = field(default_factory=list)  # search steps per batch
+    hits: int = 0  # users whose target is among their beams' items
+    filler: int = 0  # HF's placeholder beams (score ~ -1e9)
+    gap: float = 0.0  # largest score gap to the reference
+    compared: int = 0  # users the reference decoded
+    fast_times: list[float] = field(default_factory=list)  # fast path seconds per batch
+
+
+def time_fast(
+    args: argparse.Namespace, bench: Bench, totals: Totals, i: int, batch: Batch
+) -> tuple[BeamResult, str]:
+    """Decode batch ``i`` with the fast path; its beams and the start of the batch's line."""
+    t = time.perf_counter()
+    fast = constrained_beam_search(bench.model, *batch, bench.trie, args.beams)
+    sync(args.device)
+    totals.fast_times.append(time.perf_counter() - t)
+    totals.fast_s += totals.fast_times[-1]
+    totals.steps.append(fast.steps)
+    totals.filler += int((fast.scores < -1e8).sum())
+    targets = [target for _, target in bench.samples[i * args.batch : (i + 1) * args.batch]]
+    totals.hits += sum(target in sum(items, []) for target, items in zip(targets, fast.items))
+    return fast, f"batch {i}: fast {time.perf_counter() - t:6.1f}s ({fast.steps} steps)"
+
+
+def time_variants(
+    args: argparse.Namespace, bench: Bench, totals: Totals, batch: Batch, fast: BeamResult
+) -> str:
+    """Decode the batch with the fast path's variants asked for (edge lookup, per-beam cache, dense
+    scoring), each checked against ``fast``; their part of the batch's line."""
+    model, trie, line = bench.model, bench.trie, ""
+    if args.compare:
         t = time.perf_counter()
-        fast = constrained_beam_search(model, ids, mask, seg, trie, args.beams)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        fast_times.append(time.perf_counter() - t)
-        fast_s += fast_times[-1]
-        steps.append(fast.steps)
-        filler += int((fast.scores < -1e8).sum())
-        targets = [target for _, target in samples[i * args.batch : (i + 1) * args.batch]]
-        hits += sum(target in sum(items, []) for target, items in zip(targets, fast.items))
-        line = f"batch {i}: fast {time.perf_counter() - t:6.1f}s ({fast.steps} steps)"
-        if args.compare:
-            t = time.perf_counter()
-            edges = constrained_beam_search(model, ids, mask, seg, trie, args.beams, table=False)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            edges_s += time.perf_counter() - t
-            same = torch.equal(edges.sequences, fast.sequences) and torch.equal(edges.scores, fast.scores)
-            edges_same &= same and edges.items == fast.items
-            line += f" | edge lookup {time.perf_counter() - t:6.1f}s, bit-identical: {same}"
-        if args.per_beam:
-            t = time.perf_counter()
-            per_beam = constrained_beam_search(model, ids, mask, seg, trie, args.beams, shared_prompt=False)
-            per_beam_s += time.perf_counter() - t
-            line += (
-                f" | per-beam cache {time.perf_counter() - t:6.1f}s, same beams: {same_beams(fast, per_beam)}"
-            )
-        if args.dense:
-            t = time.perf_counter()
-            dense = constrained_beam_search(
-                model, ids, mask, seg, trie, args.beams, sparse=False, head_chunk=None
-            )
-            dense_s += time.perf_counter() - t
-            line += f" | dense scoring {time.perf_counter() - t:6.1f}s, same beams: {same_beams(fast, dense)}"
+        edges = constrained_beam_search(model, *batch, trie, args.beams, table=False)
+        sync(args.device)
+        totals.edges_s += time.perf_counter() - t
+        same = torch.equal(edges.sequences, fast.sequences) and torch.equal(edges.scores, fast.scores)
+        totals.edges_same &= same and edges.items == fast.items
+        line += f" | edge lookup {time.perf_counter() - t:6.1f}s, bit-identical: {same}"
+    if args.per_beam:
+        t = time.perf_counter()
+        per_beam = constrained_beam_search(model, *batch, trie, args.beams, shared_prompt=False)
+        totals.per_beam_s += time.perf_counter() - t
+        line += f" | per-beam cache {time.perf_counter() - t:6.1f}s, same beams: {same_beams(fast, per_beam)}"
+    if args.dense:
+        t = time.perf_counter()
+        dense = constrained_beam_search(model, *batch, trie, args.beams, sparse=False, head_chunk=None)
+        totals.dense_s += time.perf_counter() - t
+        line += f" | dense scoring {time.perf_counter() - t:6.1f}s, same beams: {same_beams(fast, dense)}"
+    return line
+
+
+def time_reference(args: argparse.Namespace, bench: Bench, totals: Totals, i: int, fast: BeamResult) -> str:
+    """Decode batch ``i``'s users with HF generate, ``--reference-batch`` per call, checked against
+    ``fast``; its part of the batch's line."""
+    rb = args.reference_batch or args.batch
+    users = bench.prompts[i * args.batch : (i + 1) * args.batch]
+    t, same = time.perf_counter(), True
+    for j in range(0, len(users), rb):  # the same users, `rb` per HF generate call
+        r_ids, r_mask, r_seg = (x.to(args.device) for x in left_pad(users[j : j + rb], bench.pad_id))
+        ref = reference_beam_search(
+            bench.model, r_ids, r_mask, r_seg, bench.trie, args.beams, table=bench.table
+        )
+        same &= same_beams(fast, ref, a_rows=range(j, min(j + rb, len(users))))
+        totals.gap = max(totals.gap, score_gap(fast, ref, a_rows=range(j, min(j + rb, len(users)))))
+    totals.ref_s += time.perf_counter() - t
+    totals.identical &= same
+    totals.compared += len(users)
+    return f" | reference {time.perf_counter() - t:6.1f}s | identical beams: {same}"
+
+
+def run_batches(args: argparse.Namespace, bench: Bench) -> Totals:
+    """Every path on every batch, in turn; prints one line per batch."""
+    for _ in range(args.warmup):
+        constrained_beam_search(bench.model, *bench.batches[0], bench.trie, args.beams)
+    sync(args.device)
+    totals = Totals()
+    for i, batch in enumerate(bench.batches):
+        fast, line = time_fast(args, bench, totals, i, batch)
+        line += time_variants(args, bench, totals, batch, fast)
         if not args.skip_reference and (
             args.reference_users is None or i * args.batch < args.reference_users
         ):
-            rb = args.reference_batch or args.batch
-            users = prompts[i * args.batch : (i + 1) * args.batch]
-            t, same = time.perf_counter(), True
-            for j in range(0, len(users), rb):  # the same users, `rb` per HF generate call
-                r_ids, r_mask, r_seg = (
-                    x.to(args.device) for x in left_pad(users[j : j + rb], tokenizer.pad_token_id)
-                )
-                ref = reference_beam_search(model, r_ids, r_mask, r_seg, trie, args.beams, table=table)
-                same &= same_beams(fast, ref, a_rows=range(j, min(j + rb, len(users))))
-                gap = max(gap, score_gap(fast, ref, a_rows=range(j, min(j + rb, len(users)))))
-            ref_s += time.perf_counter() - t
-            identical &= same
-            compared += len(users)
-            line += f" | reference {time.perf_counter() - t:6.1f}s | identical beams: {same}"
+            line += time_reference(args, bench, totals, i, fast)
         print(line, flush=True)
+    return totals
 
-    n = len(prompts)
-    print(f"fast path:  {n / fast_s:.3f} users/s  ({fast_s:.1f}s for {n} users, steps per batch {steps})")
+
+def print_summary(args: argparse.Namespace, n: int, totals: Totals) -> None:
+    """Users/s of each path over the ``n`` users, the ratios, and what the beams found."""
+    fast_s, compared = totals.fast_s, totals.compared
+    print(
+        f"fast path:  {n / fast_s:.3f} users/s  ({fast_s:.1f}s for {n} users, steps per batch {totals.steps})"
+    )
     if args.compare:
         print(
-            f"compare: edge lookup (table=False) {n / edges_s:.3f} users/s, table (new) {n / fast_s:.3f} users/s, "
-            f"new/edges {edges_s / fast_s:.2f}x, bit-identical beams on every batch: {edges_same}"
+            f"compare: edge lookup (table=False) {n / totals.edges_s:.3f} users/s, table (new) {n / fast_s:.3f} "
+            f"users/s, new/edges {totals.edges_s / fast_s:.2f}x, bit-identical beams on every batch: "
+            f"{totals.edges_same}"
         )
     if args.per_beam:
         print(
-            f"per-beam:   {n / per_beam_s:.3f} users/s  ({per_beam_s:.1f}s)  [prompt cache copied to every beam]"
+            f"per-beam:   {n / totals.per_beam_s:.3f} users/s  ({totals.per_beam_s:.1f}s)  "
+            "[prompt cache copied to every beam]"
         )
     if args.dense:
         print(
-            f"dense:      {n / dense_s:.3f} users/s  ({dense_s:.1f}s)  [whole-vocabulary scoring, one LM-head product]"
-            f"  -> fast is {dense_s / fast_s:.2f}x"
+            f"dense:      {n / totals.dense_s:.3f} users/s  ({totals.dense_s:.1f}s)  [whole-vocabulary scoring, "
+            f"one LM-head product]  -> fast is {totals.dense_s / fast_s:.2f}x"
         )
     if compared:
-        fast_compared = sum(fast_times[: -(-compared // args.batch)])
+        fast_compared = sum(totals.fast_times[: -(-compared // args.batch)])
         print(
-            f"reference:  {compared / ref_s:.3f} users/s  ({ref_s:.1f}s for {compared} users)  "
+            f"reference:  {compared / totals.ref_s:.3f} users/s  ({totals.ref_s:.1f}s for {compared} users)  "
             "[HF generate + prefix_allowed_tokens_fn]"
         )
         print(
-            f"speed-up:   {ref_s / fast_compared:.2f}x (on the {compared} users both decoded)   identical beams "
-            f"on every compared batch: {identical} (largest score gap {gap:.1e})"
+            f"speed-up:   {totals.ref_s / fast_compared:.2f}x (on the {compared} users both decoded)   identical "
+            f"beams on every compared batch: {totals.identical} (largest score gap {totals.gap:.1e})"
         )
-    print(f"HR@{args.beams} of these users: {hits}/{n}")
+    print(f"HR@{args.beams} of these users: {totals.hits}/{n}")
     print(
         f"placeholder slots (HF's filler beams, score ~ -1e9, when fewer than {args.beams} answers finish): "
-        f"{filler} of {n * args.beams}"
+        f"{totals.filler} of {n * args.beams}"
     )
 
-    if args.profile:
-        import cProfile
-        import pstats
 
-        ids, mask, seg = batches[0]
-        cProfile.runctx(
-            "constrained_beam_search(model, ids, mask, seg, trie, args.beams)",
-            globals(),
-            locals(),
-            "/tmp/bench_dec",
-        )
-        pstats.Stats("/tmp/bench_dec").sort_stats("tottime").print_stats(15)
+def profile(args: argparse.Namespace, bench: Bench) -> None:
+    """cProfile the fast path on the first batch; prints the 15 costliest functions."""
+    import cProfile
+    import pstats
+
+    model, trie = bench.model, bench.trie
+    ids, mask, seg = bench.batches[0]
+    cProfile.runctx(
+        "constrained_beam_search(model, ids, mask, seg, trie, args.beams)",
+        globals(),
+        locals(),
+        "/tmp/bench_dec",
+    )
+    pstats.Stats("/tmp/bench_dec").sort_stats("tottime").print_stats(15)
+
+
+def main() -> None:
+    """Time the fast path (and the paths asked for) on the same batches and print the figures."""
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    bench = build_bench(args)
+    print_setup(args, bench)
+    totals = run_batches(args, bench)
+    print_summary(args, len(bench.prompts), totals)
+    if args.profile:
+        profile(args, bench)
 
 
 if __name__ == "__main__":

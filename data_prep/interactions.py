@@ -42,12 +42,8 @@ dropped as ``no_interactions_left``.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from dataclasses import dataclass
-from decimal import Decimal
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,33 +51,10 @@ import pandas as pd
 
 from data_prep.common import build_dataset, print_summary, run_main
 from data_prep.output import locked_output
-from data_prep.parsing import (
-    _NUMBER,
-    NS,
-    DataPrepError,
-    TimeColumn,
-    atomic_rows,
-    iter_lines,
-    json_id,
-    require_file,
-    text_id,
-)
+from data_prep.parsing import NS, DataPrepError, TimeColumn, iter_lines, require_file
 from data_prep.protocols import Drops, ProtocolConfig
+from data_prep.records import FORMATS, file_format, parse_id, parse_rating, parse_title, records
 
-FORMATS = ("csv", "tsv", "jsonl", "parquet", "recbole")
-EXTENSIONS = {
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".tab": "tsv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".inter": "recbole",
-    ".item": "recbole",
-}
-DELIMITERS = {"csv": ",", "tsv": "\t"}
 NOT_IN_ITEMS = "not_in_items_file"
 
 
@@ -97,159 +70,6 @@ class Columns:
     items_item: str | None = None  # the items file's id column (default: ``item``)
 
 
-def file_format(path: Path, fmt: str | None) -> str:
-    """The format named by ``--format``, else by the extension (``.gz`` aside)."""
-    if fmt:
-        if fmt not in FORMATS:
-            raise DataPrepError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        return fmt
-    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
-    ext = suffixes[0].lower() if suffixes else ""
-    if ext not in EXTENSIONS:
-        raise DataPrepError(
-            f"cannot tell the format from the extension {''.join(suffixes) or '(none)'!r}; name it with "
-            f"--format ({', '.join(FORMATS)})",
-            path,
-        )
-    if EXTENSIONS[ext] == "parquet" and path.suffix == ".gz":
-        raise DataPrepError("a gzipped Parquet file is not read; Parquet is compressed inside", path)
-    return EXTENSIONS[ext]
-
-
-def _missing_column(path: Path, line: int, column: str, flag: str, have) -> DataPrepError:
-    return DataPrepError(
-        f"column {column!r} is not in the file (its columns: {', '.join(map(str, have)) or 'none'}); "
-        f"name the right one with {flag}",
-        path,
-        line,
-    )
-
-
-def _csv_records(path: Path, sep: str, need: dict[str, str], drops: Drops):
-    state = {"line": 0}
-
-    def lines():
-        for i, line in iter_lines(path):
-            state["line"] = i
-            yield line + "\n"
-
-    reader = csv.reader(lines(), delimiter=sep, strict=True)
-    end = 0
-    try:
-        header = [h.strip() for h in next(reader, [])]
-        if not header or header == [""]:
-            raise DataPrepError("the file has no header line", path, 1)
-        if len(header) == 1:
-            other = next((d for d in (",", "\t", ";", "|") if d != sep and d in header[0]), None)
-            if other is not None:
-                raise DataPrepError(
-                    f"column 1: the header {header[0][:60]!r} holds no {sep!r} but {other!r}: the file is "
-                    f"{other!r}-separated, not {sep!r}-separated as declared; pass --sep {other!r} (or the "
-                    "right --format)",
-                    path,
-                    1,
-                )
-        for col, flag in need.items():
-            if col not in header:
-                raise _missing_column(path, 1, col, flag, header)
-        index = {c: header.index(c) for c in need}
-        end = state["line"]
-        for row in reader:
-            start, end = end + 1, state["line"]
-            if not row or (len(row) == 1 and not row[0].strip()):
-                drops.lines[f"blank:{path.name}"] += 1
-                continue
-            if len(row) != len(header):
-                raise DataPrepError(
-                    f"expected {len(header)} {sep!r}-separated fields (as the header), got {len(row)}: "
-                    f"{sep.join(row)[:80]!r}",
-                    path,
-                    start,
-                )
-            yield start, {c: row[k] for c, k in index.items()}
-    except csv.Error as e:
-        raise DataPrepError(
-            f"not valid {'CSV' if sep == ',' else 'delimited'} text ({e})", path, state["line"]
-        ) from None
-
-
-def _jsonl_records(path: Path, need: dict[str, str], drops: Drops):
-    parse = partial(json.loads, parse_float=Decimal)
-    for i, line in iter_lines(path):
-        if not line.strip():
-            drops.lines[f"blank:{path.name}"] += 1
-            continue
-        try:
-            rec = parse(line)
-        except (ValueError, RecursionError) as e:
-            raise DataPrepError(
-                f"not a valid JSON line ({type(e).__name__}): {line[:80]!r}", path, i
-            ) from None
-        if not isinstance(rec, dict):
-            raise DataPrepError(f"expected a JSON object, got {type(rec).__name__}", path, i)
-        for col, flag in need.items():
-            if col not in rec:
-                raise _missing_column(path, i, col, flag, rec)
-        yield i, {c: rec[c] for c in need}
-
-
-def _parquet_records(path: Path, need: dict[str, str]):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        for col, flag in need.items():
-            if col not in names:
-                raise _missing_column(path, None, col, flag, names)
-        table = pf.read(columns=list(need))
-    except (OSError, pa.ArrowException) as e:
-        raise DataPrepError(f"not a readable Parquet file ({e})", path) from None
-    cols = {c: table.column(c).to_pylist() for c in need}
-    for r in range(table.num_rows):
-        yield r + 1, {c: cols[c][r] for c in need}
-
-
-def records(path: Path, fmt: str, need: dict[str, str], drops: Drops, sep: str | None = None):
-    """Yield (line or row number, {column: value}) of the ``need`` columns ({column: its flag}) of a file."""
-    if fmt in DELIMITERS:
-        return _csv_records(path, sep or DELIMITERS[fmt], need, drops)
-    if fmt == "jsonl":
-        return _jsonl_records(path, need, drops)
-    if fmt == "parquet":
-        return _parquet_records(path, need)
-    return atomic_rows(path, tuple(need), drops)
-
-
-def _id(value, column: str, path: Path, line: int) -> str | None:
-    if isinstance(value, str):
-        return text_id(value)
-    return json_id(value, f"column {column!r}", path, line)
-
-
-def _title(value, column: str, path: Path, line: int) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise DataPrepError(f"column {column!r}: the title is a {type(value).__name__}, not text", path, line)
-    title = " ".join(value.split())
-    return None if text_id(title) is None else title
-
-
-def _rating(value, column: str, path: Path, line: int) -> float:
-    d = None
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        d = Decimal(value.strip())
-    elif isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-        d = Decimal(value)
-    if d is None or not d.is_finite() or d.adjusted() > 18:
-        raise DataPrepError(f"column {column!r}: the rating {str(value)[:40]!r} is not a number", path, line)
-    return float(d)
-
-
 def read_items(path: Path, fmt: str, cols: Columns, drops: Drops, sep: str | None = None) -> pd.DataFrame:
     """Raw items (``raw_item_id``, ``title``, ``drop_reason``) in file order; see the module docstring."""
     id_col, title_col = cols.items_item or cols.item, cols.title or "title"
@@ -259,8 +79,8 @@ def read_items(path: Path, fmt: str, cols: Columns, drops: Drops, sep: str | Non
     for n, r in records(path, fmt, need, drops, sep):
         first_line = first_line or n
         n_rows += 1
-        title = _title(r[title_col], title_col, path, n)
-        item = _id(r[id_col], id_col, path, n)
+        title = parse_title(r[title_col], title_col, path, n)
+        item = parse_id(r[id_col], id_col, path, n)
         if item is None:
             drops.lines[f"missing_item_id:{path.name}"] += 1
             continue
@@ -312,8 +132,8 @@ def read_interactions(
     for n, r in records(path, fmt, need, drops, sep):
         n_rows += 1
         t = times(r[cols.time], n)
-        rating = _rating(r[cols.rating], cols.rating, path, n) if cols.rating else None
-        user, item = _id(r[cols.user], cols.user, path, n), _id(r[cols.item], cols.item, path, n)
+        rating = parse_rating(r[cols.rating], cols.rating, path, n) if cols.rating else None
+        user, item = parse_id(r[cols.user], cols.user, path, n), parse_id(r[cols.item], cols.item, path, n)
         if user is None or item is None:
             drops.lines[f"missing_{'user' if user is None else 'item'}_id:{path.name}"] += 1
             first_bad = first_bad or n
