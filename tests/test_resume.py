@@ -135,24 +135,33 @@ def _fit(args: list[str]) -> None:
 def test_bucketed_resume_mid_epoch_and_at_epoch_end_is_exact(processed_dir, tmp_path, one_thread):
     """In-process, length bucketing: resuming from intermediate checkpoints of a run (steps 4 and 6:
     mid-epoch, before and after an epoch boundary; step 10: an epoch's last batch) ends with that run's
-    final weights, bit for bit."""
-    extra = ["--data.bucket_by_length=true", "--checkpoint.every_n_train_steps=2", "--trainer.max_steps=11"]
+    final weights, bit for bit; and so does resuming twice, first at an epoch's last batch (10), then from
+    a checkpoint the resumed run wrote inside the next epoch (12)."""
+    extra = ["--data.bucket_by_length=true", "--checkpoint.every_n_train_steps=2", "--trainer.max_steps=13"]
     extra += ["--checkpoint.save_top_k=-1", "--trainer.logger=false"]
     full = tmp_path / "full"
     _fit(fit_args(processed_dir, full, *extra))
     final = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert final["global_step"] == 11  # the final step is saved whatever the interval
-    by_step = {step_of(p): p for p in (full / "checkpoints").glob("epoch=*.ckpt")}
-    for step in (4, 6, 10):
-        root = tmp_path / f"from{step}"
+    assert final["global_step"] == 13  # the final step is saved whatever the interval
+
+    def resumed(name: str, ckpt: Path) -> Path:
+        root = tmp_path / name
         (root / "checkpoints").mkdir(parents=True)
-        (root / "checkpoints" / "last.ckpt").write_bytes(by_step[step].read_bytes())
+        (root / "checkpoints" / "last.ckpt").write_bytes(ckpt.read_bytes())
         _fit(fit_args(processed_dir, root, *extra, "--ckpt_path=last"))
         again = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-        assert again["global_step"] == 11
+        assert again["global_step"] == 13
         assert all(
             torch.equal(final["state_dict"][k], again["state_dict"][k]) for k in final["state_dict"]
-        ), step
+        ), name
+        return root
+
+    by_step = {step_of(p): p for p in (full / "checkpoints").glob("epoch=*.ckpt")}
+    for step in (4, 6, 10):
+        root = resumed(f"from{step}", by_step[step])
+    # the run resumed at step 10 wrote step 12 (2 batches into the next epoch): resume from that one
+    twice = {step_of(p): p for p in (root / "checkpoints").glob("epoch=*.ckpt")}
+    resumed("from10then12", twice[12])
 
 
 # ----------------------------------------------------------------------------- the samplers alone

@@ -59,7 +59,11 @@ class SlurmRequeue(Callback):
         if isinstance(environment, SLURMEnvironment):
             environment.auto_requeue = False  # Lightning's handler would save inside the signal handler
         self._noticed = False
-        self._previous = signal.signal(getattr(signal, self.signal_name), self._note)
+        signum = getattr(signal, self.signal_name)
+        self._previous = signal.signal(signum, self._note)
+        # system calls the signal interrupts (a gloo / NCCL socket read in another thread) are restarted,
+        # not failed with EINTR: the notice must not disturb the step it lands in
+        signal.siginterrupt(signum, False)
 
     def _note(self, signum: int, frame: Any) -> None:
         self._noticed = True  # acted on at the end of the current optimizer step

@@ -260,14 +260,16 @@ class IAMDataModule(L.LightningDataModule):
         }
 
     def _train_position(self) -> tuple[int, int]:
-        """(epoch, batches of it done) by Lightning's progress counters at this moment of `fit`."""
-        loop = self.trainer.fit_loop
-        epochs = loop.epoch_progress.current
-        epoch, done = epochs.processed, 0
-        if epochs.started > epochs.processed:  # inside epoch `processed`
-            done = loop.epoch_loop.batch_progress.current.processed
-            if done >= self.trainer.num_training_batches:
-                epoch, done = epoch + 1, 0
+        """(epoch, batches of it done) at this moment of `fit`: every training batch so far (Lightning's
+        total batch count, kept across resumes) over the batches of an epoch. Not Lightning's epoch counters:
+        after a resume from a checkpoint saved at an epoch's last batch they do not count the next epoch as
+        started, so a checkpoint written during it would say (that epoch, 0) and a second resume would
+        train its batches again."""
+        per_epoch = self.trainer.num_training_batches
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        if not per_epoch or per_epoch == float("inf"):  # no fixed epoch length: nothing to resume part-way
+            return self.trainer.current_epoch, 0
+        epoch, done = divmod(int(batches), int(per_epoch))
         return epoch, done
 
     def state_dict(self) -> dict[str, Any]:
