@@ -6,9 +6,9 @@ signal handler*, wherever each process happens to be: under DDP the ranks may be
 (one inside a gradient all-reduce), and a save between the optimizer step and the progress counters'
 update resumes one step off. `SlurmRequeue` turns Lightning's handler off and only notes the signal; at
 the end of the next optimizer step, when every rank's weights, optimizer and counters agree, the ranks
-agree (one max all-reduce) that some rank got it, write ``last.ckpt`` (`iamrec.run_checkpoints.RunCheckpoint`,
-atomically) exactly as a periodic save does, rank 0 runs ``scontrol requeue $SLURM_JOB_ID``, and the fit
-stops. The requeued job's ``--ckpt_path last`` resumes that checkpoint: the same weights, optimizer state,
+agree (one max all-reduce of a CPU flag over gloo: no device sync in an NCCL run's steps) that some rank
+got it, write ``last.ckpt`` (`iamrec.run_checkpoints.RunCheckpoint`, atomically) exactly as a periodic save
+does, rank 0 runs ``scontrol requeue $SLURM_JOB_ID``, and the fit stops. The requeued job's ``--ckpt_path last`` resumes that checkpoint: the same weights, optimizer state,
 data position and dropout masks as an uninterrupted run (tests/test_slurm.py compares the final weights).
 
 Outside a Slurm job step (no ``SLURM_JOB_ID`` and ``SLURM_PROCID``) it does nothing.
@@ -51,6 +51,7 @@ class SlurmRequeue(Callback):
         self.requeue = requeue
         self._noticed = False
         self._previous: Any = None
+        self._group: Any = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or not in_slurm_step():
@@ -59,6 +60,13 @@ class SlurmRequeue(Callback):
         if isinstance(environment, SLURMEnvironment):
             environment.auto_requeue = False  # Lightning's handler would save inside the signal handler
         self._noticed = False
+        self._group = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # the ranks agree on the flag over a CPU (gloo) group: no GPU sync in a step of an NCCL run
+            gloo = torch.distributed.get_backend() == "gloo"
+            self._group = (
+                torch.distributed.group.WORLD if gloo else torch.distributed.new_group(backend="gloo")
+            )
         signum = getattr(signal, self.signal_name)
         self._previous = signal.signal(signum, self._note)
         # system calls the signal interrupts (a gloo / NCCL socket read in another thread) are restarted,
@@ -69,14 +77,19 @@ class SlurmRequeue(Callback):
         self._noticed = True  # acted on at the end of the current optimizer step
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._group is not None and self._group is not torch.distributed.group.WORLD:
+            torch.distributed.destroy_process_group(self._group)
+        self._group = None
         if self._previous is not None:
             signal.signal(getattr(signal, self.signal_name), self._previous)
             self._previous = None
 
     def _any_rank_noticed(self, trainer) -> bool:
-        flag = torch.tensor([int(self._noticed)], device=trainer.strategy.root_device)
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        """Whether some rank got the signal: one max all-reduce of a CPU flag per step (no device sync)."""
+        if self._group is None:
+            return self._noticed
+        flag = torch.tensor([int(self._noticed)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
