@@ -287,7 +287,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--items-format", default=None, choices=FORMATS, help="format of the items file")
     p.add_argument(
-        "--sep", default=None, help="delimiter of CSV / TSV files (default: , for csv, tab for tsv)"
+        "--sep",
+        default=None,
+        type=_delimiter,
+        help="delimiter of CSV / TSV files, one character (default: , for csv, tab for tsv)",
     )
     p.add_argument("--user-col", default="user_id")
     p.add_argument("--item-col", default="item_id")
@@ -299,6 +302,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="dataset name in stats.json (default: the file's name)")
     add_protocol_args(p)
     return p.parse_args(argv)
+
+
+def _delimiter(value: str) -> str:
+    """--sep: one character (``\\t`` written out is a tab)."""
+    value = "\t" if value == "\\t" else value
+    if len(value) != 1:
+        raise argparse.ArgumentTypeError(f"a delimiter is one character, got {value!r}")
+    return value
 
 
 def _run(a: argparse.Namespace) -> None:

@@ -379,3 +379,19 @@ def test_recbole_named_fields_and_parquet_timestamps(tmp_path, reference):
     for out in ("a", "b"):
         for name in SAME:
             assert (tmp_path / out / name).read_bytes() == (reference["d3"] / name).read_bytes(), (out, name)
+
+
+def test_a_delimiter_of_more_than_one_character_is_one_sentence(tmp_path, capsys):
+    """--sep is one character (pandas' parser would stop with a TypeError traceback); `\\t` typed out is a tab."""
+    argv = write_route(tmp_path / "raw", "csv")
+    with pytest.raises(SystemExit) as stop:
+        run("csv", argv, tmp_path / "out", "--sep", ";;")
+    assert stop.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("error: argument --sep: a delimiter is one character, got ';;'")
+    )
+    assert not (tmp_path / "out").exists()
+    assert run("csv", argv, tmp_path / "out", "--sep", ",") == 0
