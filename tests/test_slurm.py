@@ -189,7 +189,6 @@ def test_usr1_requeues_twice_and_resumes_to_the_uninterrupted_weights(
     )
 
 
-@pytest.mark.slow
 def test_the_resume_check_fails_when_the_requeued_job_starts_over(
     cluster, job_env, processed_dir, reference, tmp_path
 ):
@@ -254,7 +253,6 @@ def test_a_checkpoint_of_another_world_size_is_refused(
     assert step_of(ckpt) == STEPS  # untouched
 
 
-@pytest.mark.slow  # another job start (~20 s): over the suite's budget
 def test_ntasks_per_node_other_than_devices_is_one_sentence(cluster, job_env, processed_dir, tmp_path):
     job = submit(cluster, job_env, processed_dir, tmp_path, "--trainer.devices=1", TEST="0")
     assert cluster.wait(job, 120) == "FAILED"
@@ -277,7 +275,6 @@ def _pid_of_rank(job: int, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.slow  # a third job start (~25 s): over the suite's budget
 def test_a_task_that_dies_ends_the_job_naming_it(cluster, job_env, processed_dir, tmp_path):
     """Rank 1 killed mid-fit (as by the OOM killer): the job ends within a bounded time, srun names the task,
     and last.ckpt is a whole checkpoint to resume from."""
