@@ -108,3 +108,18 @@ def test_without_rates_one_probe_runs_and_is_stopped_once_measured_too_slow() ->
     assert [j.name for j, _ in decision.stop] == ["a"]
     scheduler.finished(jobs[0])
     assert [j.name for j in scheduler.decide().start] == ["b"]
+
+
+def test_a_baseline_never_timed_is_probed_in_its_lane_not_given_up() -> None:
+    """No finished seed and no prior: the baseline still starts when its lane is free (it may be cut at
+    the deadline), one at a time; with the budget spent it is given up."""
+    clock = [0.0]
+    jobs = [Job("popular", "baseline"), Job("sasrec", "baseline")]
+    sched = Scheduler(jobs, deadline=600.0, rates=None, clock=lambda: clock[0])
+    first = sched.decide()
+    assert [j.name for j in first.start] == ["popular"] and not first.give_up
+    assert sched.decide().start == []  # the lane is busy
+    sched.finished(first.start[0])
+    assert [j.name for j in sched.decide().start] == ["sasrec"]
+    late = Scheduler([Job("popular", "baseline")], deadline=600.0, rates=None, clock=lambda: 600.0)
+    assert [j.name for j, _ in late.decide().give_up] == ["popular"]

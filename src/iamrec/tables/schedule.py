@@ -16,7 +16,9 @@ over the same order finishes (tested with a fake clock).
 How many LLM cell-seeds share the GPU is chosen from the rates: the measured level with the highest total
 throughput (``k x steps/s at k``), and one level above it to learn from, projected pessimistically (the
 total throughput does not grow: each of ``k + 1`` runs at ``k / (k + 1)`` of its speed at ``k``).
-Baselines (most-popular, SASRec) run in a lane of their own beside the LLM cells and fill the gaps.
+Baselines (most-popular, SASRec) run in a lane of their own beside the LLM cells and fill the gaps; one
+never timed (no finished seed, no prior in ``results/<profile>/rates.json``) is started as a probe of that
+lane and cut if it is still running at the deadline.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class Job:
         kind: "llm" (shares the GPU with the other LLM cell-seeds) or "baseline" (its own lane).
         fit_steps: optimizer steps of its fit (what is left of it when resuming).
         test_samples: test samples it decodes.
-        seconds: a baseline's projected wall time (from its cell's finished seeds).
+        seconds: a baseline's projected wall time (its cell's finished seeds, else the profile's prior);
+            None: never timed (started as a probe when its lane is free).
     """
 
     name: str
@@ -208,9 +211,10 @@ class Scheduler:
         waiting_llm = False  # a more valuable LLM cell-seed waits: the lower ones do not pass it
         for job in list(self.pending):
             if job.kind != "llm":
-                seconds = job.seconds if job.seconds is not None else math.inf
-                if seconds > end:
-                    out.give_up.append((job, _late(job, seconds, end)))
+                # a baseline never timed (no finished seed, no prior) is a probe of its own lane: started
+                # when the lane is free, cut if it is still running at the deadline
+                if job.seconds is not None and job.seconds > end or end <= 0:
+                    out.give_up.append((job, _late(job, job.seconds, end)))
                     self.pending.remove(job)
                 elif not lane_busy:
                     out.start.append(job)
