@@ -64,9 +64,9 @@ from data_prep.parsing import (
     DataPrepError,
     TimeColumn,
     check_time,
-    iter_lines,
     json_id,
     json_int,
+    object_lines,
     require_file,
 )
 from data_prep.protocols import Drops, ProtocolConfig
@@ -102,23 +102,6 @@ def find_files(input_dir: Path, reviews: Path | None, meta: Path | None) -> tupl
     return require_file(reviews, "review file"), require_file(meta, "metadata file")
 
 
-def _records(path: Path, parse, what: str, drops: Drops):
-    """Yield (line number, dict) per non-blank line; a line that does not parse to a dict is an error."""
-    for i, line in iter_lines(path):
-        if not line.strip():
-            drops.lines[f"blank:{path.name}"] += 1
-            continue
-        try:
-            rec = parse(line)
-        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-            raise DataPrepError(
-                f"not a valid {what} line ({type(e).__name__}): {line[:80]!r}", path, i
-            ) from None
-        if not isinstance(rec, dict):
-            raise DataPrepError(f"expected a {what} object, got {type(rec).__name__}", path, i)
-        yield i, rec
-
-
 def clean_title(title) -> tuple[str | None, str | None]:
     """(cleaned title, drop reason or None) following the D3 filters in the module docstring."""
     if not isinstance(title, str) or not title.strip():
@@ -140,7 +123,7 @@ def read_reviews(path: Path, drops: Drops, fmt: str = "2018") -> tuple[pd.DataFr
     user_key, item_key, time_key, _ = FIELDS[fmt]
     times = TimeColumn(time_key, path, "ms") if fmt == "2023" else None
     rows, lines, first_bad = [], [], None
-    for i, r in _records(path, partial(json.loads, parse_float=Decimal), "JSON", drops):
+    for i, r in object_lines(path, partial(json.loads, parse_float=Decimal), "JSON", drops.lines):
         missing = [k for k in (user_key, item_key, time_key) if k not in r]
         if missing:
             raise DataPrepError(
@@ -192,7 +175,7 @@ def read_meta(path: Path, fmt: str, reviewed: set[str], drops: Drops) -> tuple[p
     key = FIELDS[fmt][3]
     meta: dict[str, dict] = {}
     n_lines = 0
-    for i, r in _records(path, parse, "Python dict" if fmt == "2014" else "JSON", drops):
+    for i, r in object_lines(path, parse, "Python dict" if fmt == "2014" else "JSON", drops.lines):
         n_lines += 1
         if key not in r:
             raise DataPrepError(f"column {key!r}: the metadata record has no {key}", path, i)

@@ -199,6 +199,25 @@ def iter_lines(path: Path, encoding: str = "utf-8"):
         raise DataPrepError(f"cannot read the file ({e})", path) from e
 
 
+def object_lines(path: Path, parse, what: str, dropped):
+    """(line number, dict) per non-blank line of a JSON-Lines-like file, each line parsed by `parse`; a
+    blank line is counted in `dropped` (a Counter, key ``blank:<file name>``), a line that does not parse
+    to a dict is a `DataPrepError` naming the file and line (`what`: "JSON", "Python dict")."""
+    for i, line in iter_lines(path):
+        if not line.strip():
+            dropped[f"blank:{path.name}"] += 1
+            continue
+        try:
+            rec = parse(line)
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+            raise DataPrepError(
+                f"not a valid {what} line ({type(e).__name__}): {line[:80]!r}", path, i
+            ) from None
+        if not isinstance(rec, dict):
+            raise DataPrepError(f"expected a {what} object, got {type(rec).__name__}", path, i)
+        yield i, rec
+
+
 def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise DataPrepError(f"{what} not found", path)

@@ -13,7 +13,7 @@ from decimal import Decimal
 from functools import partial
 from pathlib import Path
 
-from data_prep.parsing import _NUMBER, DataPrepError, atomic_rows, iter_lines, json_id, text_id
+from data_prep.parsing import _NUMBER, DataPrepError, atomic_rows, iter_lines, json_id, object_lines, text_id
 from data_prep.protocols import Drops
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "recbole")
@@ -109,19 +109,7 @@ def _csv_records(path: Path, sep: str, need: dict[str, str], drops: Drops):
 
 
 def _jsonl_records(path: Path, need: dict[str, str], drops: Drops):
-    parse = partial(json.loads, parse_float=Decimal)
-    for i, line in iter_lines(path):
-        if not line.strip():
-            drops.lines[f"blank:{path.name}"] += 1
-            continue
-        try:
-            rec = parse(line)
-        except (ValueError, RecursionError) as e:
-            raise DataPrepError(
-                f"not a valid JSON line ({type(e).__name__}): {line[:80]!r}", path, i
-            ) from None
-        if not isinstance(rec, dict):
-            raise DataPrepError(f"expected a JSON object, got {type(rec).__name__}", path, i)
+    for i, rec in object_lines(path, partial(json.loads, parse_float=Decimal), "JSON", drops.lines):
         for col, flag in need.items():
             if col not in rec:
                 raise _missing_column(path, i, col, flag, rec)
