@@ -200,17 +200,10 @@ class SlurmCluster:
 
     def state(self, job: int) -> str:
         """The job's state as ``scontrol`` reports it (PENDING, RUNNING, COMPLETED, FAILED, ...)."""
-        res = subprocess.run(
-            ["scontrol", "-o", "show", "job", str(job)],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        fields = dict(f.split("=", 1) for f in res.stdout.split() if "=" in f)
-        return fields.get("JobState", "UNKNOWN")
+        return self.show(job).get("JobState", "UNKNOWN")
 
     def show(self, job: int) -> dict[str, str]:
+        """``scontrol show job``'s fields (JobState, Restarts, ...)."""
         res = subprocess.run(
             ["scontrol", "-o", "show", "job", str(job)],
             env=self.env,
