@@ -229,11 +229,9 @@ class IAMRecModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # val/loss is logged at the epoch's end over all processes' target tokens (not a mean of means)
+        # kept on the device (no host sync per step), read once at the epoch's end
         totals, counts = target_token_loss(self.hf_model, batch, per_row=True)
-        self._val_loss_rows += [
-            {"sample_index": int(i), "loss_sum": float(t), "tokens": int(c)}
-            for i, t, c in zip(batch["sample_index"], totals.tolist(), counts.tolist())
-        ]
+        self._val_losses.append((batch["sample_index"], totals.detach(), counts))
         if self.hparams.val_generate:
             ranks, _ = self._rank(batch)
             self._val_rows += [
@@ -242,12 +240,17 @@ class IAMRecModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows: list[dict[str, int]] = []
-        self._val_loss_rows: list[dict[str, Any]] = []
+        self._val_losses: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def on_validation_epoch_end(self) -> None:
         # Summed losses over summed target tokens of every sample once (the distributed sampler repeats a
         # few): the loss one process computes on the whole validation set, on every rank without a sync.
-        sums = self._gather(self._val_loss_rows, ["sample_index", "loss_sum", "tokens"])
+        rows = [
+            {"sample_index": i, "loss_sum": t, "tokens": c}
+            for index, totals, counts in self._val_losses
+            for i, t, c in zip(index.tolist(), totals.tolist(), counts.tolist())
+        ]
+        sums = self._gather(rows, ["sample_index", "loss_sum", "tokens"])
         if len(sums):
             loss = float(sums["loss_sum"].sum() / max(int(sums["tokens"].sum()), 1))
             self.log("val/loss", loss, prog_bar=True)

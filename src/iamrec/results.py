@@ -288,8 +288,7 @@ def to_markdown(
         if significance_df is not None:
             for r in significance_df[significance_df["dataset"] == dataset].itertuples():
                 lines.append(
-                    f"- {getattr(r, 'method', iam)} vs {r.baseline}, per-user {r.metric} over {r.n} test users: "
-                    "mean difference "
+                    f"- {r.method} vs {r.baseline}, per-user {r.metric} over {r.n} test users: mean difference "
                     f"{r.mean_diff:+.4f}, paired t-test p = {r.t_pvalue:.3g}, "
                     f"Wilcoxon signed-rank p = {r.wilcoxon_pvalue:.3g}"
                 )

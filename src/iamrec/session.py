@@ -35,7 +35,7 @@ rebuilds each table's report over every finished run. A cell-seed found twice ke
 ``DONE``; of two finished copies with different results the first seen is kept (the runs root's, then the
 archives in order; GPU runs are not bit-reproducible across sittings) and the merge says which it kept and
 which it ignored; unfinished copies are not merged (their logs stay in the archive). Archives are untrusted:
-each is checked whole (paths, sizes, manifest) before anything of it is written (`iamrec.tables.archive`).
+each is checked whole (paths, sizes, manifest) before anything of it is written (`iamrec.tables.unpack`).
 
 `--archive` must not be one of `--resume` (a sitting never overwrites an archive it reads). `run`, `merge`
 and `python -m iamrec.reproduce` take the runs root's writer lock: a second writer refuses while the first

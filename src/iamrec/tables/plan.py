@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import re
 import shlex
 import sys
 import warnings
@@ -31,6 +32,14 @@ TABLES: dict[str, tuple[str, ...]] = {
     "ablation": PRESETS,  # every layer schedule preset
 }
 DATASETS: tuple[str, ...] = ("ml100k", "toys", "sports", "beauty")
+NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a dataset or method name: one plain folder name
+
+
+def plain_name(value: Any) -> bool:
+    """A dataset, method or folder name: ``[A-Za-z0-9_.-]+``, not ``.`` or ``..``."""
+    return isinstance(value, str) and NAME.fullmatch(value) is not None and value not in (".", "..")
+
+
 CONFIG_ROOT = Path("configs")
 PROFILE_ROOT = CONFIG_ROOT / "profiles"
 RUNS_ROOT = Path("results/runs")
@@ -120,7 +129,7 @@ def plan(table: str, datasets: Sequence[str]) -> list[Cell]:
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; choose one of {sorted(TABLES)}.")
     for d in datasets:
-        if d in (".", "..") or not d.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        if not plain_name(d):
             raise ValueError(
                 f"{d!r} is not a dataset name (letters, digits, _ . -); known: {', '.join(DATASETS)}."
             )

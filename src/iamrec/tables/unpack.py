@@ -14,7 +14,6 @@ import contextlib
 import gzip
 import json
 import os
-import re
 import tarfile
 import tempfile
 import zlib
@@ -24,13 +23,12 @@ from typing import Any
 
 from iamrec import run_folder
 from iamrec.errors import one_line
-from iamrec.tables.plan import PROFILES, TABLES, plan
+from iamrec.tables.plan import PROFILES, TABLES, plain_name, plan
 
 MAX_ARCHIVE_MIB = 16  # what a sitting may carry away (the gzip file), and what one member may unpack to
 UNPACK_FACTOR = 4  # an archive unpacks to at most UNPACK_FACTOR x MAX_ARCHIVE_MIB in all (64 MiB)
 MAX_MEMBERS = 20_000
 CHUNK = 2**20  # members are streamed in chunks this big
-NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a dataset, method or folder name taken from an archive
 MANIFEST = "iamrec-session.json"
 
 
@@ -82,17 +80,12 @@ def refuse(archive: Path, what: str) -> SessionError:
     return SessionError(f"{archive} is refused, nothing of it was unpacked: {what}.")
 
 
-def _plain_name(value: Any) -> bool:
-    """A dataset, method or folder name: ``[A-Za-z0-9_.-]+``, not ``.`` or ``..``."""
-    return isinstance(value, str) and NAME.fullmatch(value) is not None and value not in (".", "..")
-
-
 def _relative(value: Any) -> PurePosixPath | None:
     """`value` as a relative path of plain names (no ``..``, not absolute, written as such), or None."""
     if not isinstance(value, str) or not value or value.startswith("/"):
         return None
     path = PurePosixPath(value)
-    if path.as_posix() != value or not all(_plain_name(part) for part in path.parts):
+    if path.as_posix() != value or not all(plain_name(part) for part in path.parts):
         return None
     return path
 
@@ -204,7 +197,7 @@ def _manifest(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], archive
         or not all(isinstance(t, str) and t in TABLES for t in tables)
     ):
         raise bad("tables", tables, f"a list of known tables ({', '.join(sorted(TABLES))})")
-    if not isinstance(datasets, list) or not all(_plain_name(d) for d in datasets):
+    if not isinstance(datasets, list) or not all(plain_name(d) for d in datasets):
         raise bad("datasets", datasets, "a list of names ([A-Za-z0-9_.-]+)")
     if not isinstance(seeds, list) or not all(_seed(s) for s in seeds):
         raise bad("seeds", seeds, "a list of whole numbers >= 0")
@@ -232,9 +225,9 @@ def _manifest(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], archive
         table, dataset, method, seed = run["table"], run["dataset"], run["method"], run["seed"]
         if table not in tables:
             raise bad(f"runs[{i}].table", table, f"one of the manifest's tables ({', '.join(tables)})")
-        if not _plain_name(dataset) or dataset not in datasets:
+        if not plain_name(dataset) or dataset not in datasets:
             raise bad(f"runs[{i}].dataset", dataset, "one of the manifest's datasets")
-        if not _plain_name(method) or method not in TABLES[table]:
+        if not plain_name(method) or method not in TABLES[table]:
             raise bad(f"runs[{i}].method", method, f"a method of {table}")
         if not _seed(seed):
             raise bad(f"runs[{i}].seed", seed, "a whole number >= 0")
